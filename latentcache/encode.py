@@ -1,0 +1,188 @@
+"""Pixel rows -> latent rows: the callable class that `map_batches` runs in each encoder actor.
+
+The VAE is loaded once per actor. A batch is split by image shape so the model only ever sees
+one shape at a time (aspect buckets rely on this). Latents come out in the stored, model-ready
+space of the run's `LatentSpace`; `--posterior sample` draws noise from a generator seeded per
+key, so a key's sample never depends on batch size, concurrency or order.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .latent_space import LatentSpace
+from .models import TORCH_DTYPES, Encoded, ModelSpec, latent_space_for, load_vae, model_device
+from .preprocess import pixels_of, to_model_input
+from .rows import ENCODED_SCHEMA, carry, good_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeSpec:
+    posterior: str = "mode"
+    seed: int = 0
+    dtype: str = "fp32"
+    no_upcast: bool = False
+    store_dtype: str = "fp16"
+    store_posterior: bool = False
+    vq_output: str = "latent"
+    slicing: bool = False
+    tiling: str = "none"
+    tile_size: int = 512
+    tile_overlap: float = 0.25
+    threads: int | None = None
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    latents_mean: list | None = None
+    latents_std: list | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "EncodeSpec":
+        names = cls.__dataclass_fields__.keys() - {"threads"}
+        return cls(threads=cfg.encoder_threads, **{n: getattr(cfg, n) for n in names})
+
+
+def key_seed(seed: int, key: str) -> int:
+    """A stable 63-bit seed per (run seed, key): the same on every machine and Python version."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "little") >> 1
+
+
+def per_key_noise(keys: list[str], shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Standard normal noise [B, *shape], drawn on CPU in float32 so devices agree."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(key_seed(seed, k))) for k in keys])
+
+
+def store_bytes(x: torch.Tensor, store_dtype: str) -> list[bytes]:
+    """Per-row bytes in the storage dtype (bf16 as its raw 16-bit pattern)."""
+    x = x.to(TORCH_DTYPES.get(store_dtype, x.dtype)).cpu().contiguous()
+    arr = x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+    return [row.tobytes() for row in arr]
+
+
+def codes_dtype(num_codes: int) -> torch.dtype:
+    return torch.int16 if num_codes <= 32768 else torch.int32
+
+
+class LatentEncoder:
+    """The `map_batches` callable: one VAE per actor, pixels in, stored latents out."""
+
+    def __init__(self, *, model: ModelSpec, spec: EncodeSpec) -> None:
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.device = model_device()
+        vae, self.family = load_vae(model)
+        self.space: LatentSpace = latent_space_for(vae, spec)
+        self.compute_dtype = self._compute_dtype(vae)
+        self.vae = self._prepare(vae).to(self.device, self.compute_dtype)
+        self._fp32_vae: Any = None if self.compute_dtype == torch.float32 else vae
+
+    def _compute_dtype(self, vae: Any) -> torch.dtype:
+        dtype = TORCH_DTYPES[self.spec.dtype]
+        if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and not self.spec.no_upcast:
+            log.info("model config sets force_upcast: encoding in fp32 (pass --no-upcast to force fp16)")
+            return torch.float32
+        return dtype
+
+    def _prepare(self, vae: Any) -> Any:
+        vae = copy.deepcopy(vae) if self.spec.dtype != "fp32" else vae
+        if self.spec.tiling == "diffusers":
+            vae.enable_tiling()
+            vae.tile_sample_min_size = self.spec.tile_size
+            vae.tile_latent_min_size = self.spec.tile_size // 8
+            vae.tile_overlap_factor = self.spec.tile_overlap
+        return vae
+
+    @torch.inference_mode()
+    def encode_pixels(self, x: torch.Tensor, vae: Any = None) -> Encoded:
+        """uint8 [B, 3, H, W] on any device -> raw posterior in float32."""
+        vae = vae if vae is not None else self.vae
+        dtype = next(vae.parameters()).dtype
+        x = to_model_input(x.to(self.device, non_blocking=True)).to(dtype)
+        chunks = x.split(1) if self.spec.slicing else (x,)
+        parts = [self.family.encode(vae, chunk) for chunk in chunks]
+        return Encoded(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]).float()
+                         for f in ("mean", "std", "codes")))
+
+    def _encode_with_fallback(self, x: torch.Tensor) -> tuple[Encoded, np.ndarray]:
+        """Re-runs a batch in fp32 when reduced precision gave NaN/Inf; returns which rows fell back."""
+        encoded = self.encode_pixels(x)
+        bad = ~torch.isfinite(encoded.mean).flatten(1).all(1)
+        if not bad.any() or self._fp32_vae is None:
+            return encoded, np.zeros(len(x), dtype=bool)
+        log.warning("non-finite latents in %s for %d row(s): re-running the batch in fp32", self.compute_dtype, int(bad.sum()))
+        self._fp32_vae = self._fp32_vae.to(self.device, torch.float32)
+        return self.encode_pixels(x, self._fp32_vae), np.ones(len(x), dtype=bool)
+
+    def latents(self, encoded: Encoded, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Stored-space tensors for one same-shape group."""
+        z = encoded.mean
+        if self.spec.posterior == "sample" and encoded.std is not None:
+            z = encoded.mean + encoded.std * per_key_noise(keys, tuple(z.shape[1:]), self.spec.seed).to(z.device)
+        out = {"latent": self.space.to_model(z)} if self.spec.vq_output != "codes" or encoded.codes is None else {}
+        if self.spec.store_posterior and encoded.std is not None:
+            out["posterior_mean"] = self.space.to_model(encoded.mean)
+            out["posterior_std"] = self.space.std_to_model(encoded.std)
+        if encoded.codes is not None and self.spec.vq_output in ("codes", "both"):
+            out["codes"] = encoded.codes.to(codes_dtype(self.vae.config.num_vq_embeddings))
+        return out
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        cols: dict[str, list] = {name: [None] * n for name in ("latent", "posterior_mean", "posterior_std", "codes",
+                                                                 "latent_shape", "store_dtype", "fallback")}
+        errors = table.column("error").to_pylist()
+        keys = table.column("key").to_pylist()
+        for rows in group_by_shape(table):
+            x = torch.from_numpy(np.stack([pixels_of(table, i) for i in rows]))
+            if self.device.type == "cuda":
+                x = x.pin_memory()
+            encoded, fell_back = self._encode_with_fallback(x)
+            tensors = self.latents(encoded, [keys[i] for i in rows])
+            self._fill(cols, errors, rows, tensors, fell_back)
+        return carry(table, ENCODED_SCHEMA, {**cols, "error": errors})
+
+    def _fill(self, cols: dict[str, list], errors: list, rows: list[int], tensors: dict[str, torch.Tensor],
+              fell_back: np.ndarray) -> None:
+        floats = [t for t in tensors.values() if t.is_floating_point()]
+        finite = rows_finite(floats, len(rows))
+        storable = rows_finite([t.to(TORCH_DTYPES[self.spec.store_dtype]) for t in floats], len(rows))
+        packed = {name: store_bytes(t, self.spec.store_dtype if t.is_floating_point() else "") for name, t in tensors.items()}
+        shape = list(tensors["latent"].shape[1:]) if "latent" in tensors else [1, *tensors["codes"].shape[1:]]
+        for j, i in enumerate(rows):
+            if not (finite[j] and storable[j]):
+                errors[i] = ("non-finite latent (NaN/Inf), also in fp32" if not finite[j]
+                             else f"latent overflows --store-dtype {self.spec.store_dtype}")
+                continue
+            for name, values in packed.items():
+                cols[name][i] = values[j]
+            cols["latent_shape"][i] = shape
+            cols["store_dtype"][i] = self.spec.store_dtype
+            cols["fallback"][i] = "fp32" if fell_back[j] else None
+
+
+def rows_finite(tensors: list[torch.Tensor], n: int) -> list[bool]:
+    """Per row: every value of every tensor is finite (integer codes always are)."""
+    if not tensors:
+        return [True] * n
+    ok = torch.stack([torch.isfinite(t.float().flatten(1)).all(1) for t in tensors]).all(0)
+    return ok.cpu().tolist()
+
+
+def group_by_shape(table: pa.Table) -> list[list[int]]:
+    """Row indices of good rows, grouped by (height, width), in first-seen order."""
+    good = np.flatnonzero(good_mask(table))
+    heights, widths = table.column("height").to_pylist(), table.column("width").to_pylist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in good:
+        groups.setdefault((heights[i], widths[i]), []).append(int(i))
+    return list(groups.values())

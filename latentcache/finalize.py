@@ -1,0 +1,64 @@
+"""End of a run: merge per-shard records into `_manifest.json`, `_errors.parquet` and `_stats.json`."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .config import EncodeConfig, public_dict
+from .manifest import CacheLayout, library_versions
+from .sinks import ERRORS_SCHEMA, parquet_bytes
+from .sources import ShardRef
+from .stats import Moments, merge_all, summary
+
+log = logging.getLogger(__name__)
+
+
+def merged_errors(layout: CacheLayout, records: dict[str, dict[str, Any]]) -> pa.Table:
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(layout.url("_state", "errors", r["name"] + ".parquet"),
+                                                          layout.storage_options)))
+              for r in sorted(records.values(), key=lambda r: r["name"])]
+    return pa.concat_tables([ERRORS_SCHEMA.empty_table(), *tables]).cast(ERRORS_SCHEMA)
+
+
+def merged_stats(records: dict[str, dict[str, Any]], space: dict[str, Any]) -> dict[str, Any] | None:
+    moments = merge_all(Moments.from_dict(r["moments"]) for r in records.values() if r.get("moments"))
+    if moments is None:
+        return None
+    return {**summary(moments), "describes": "raw latents (stored values with the latent-space convention undone)",
+            "latent_space": space, "moments": moments.to_dict()}
+
+
+def run_counts(records: dict[str, dict[str, Any]]) -> dict[str, int]:
+    rows = records.values()
+    return {name: sum(r.get(name, 0) for r in rows) for name in ("input", "written", "failed", "fp32_fallback")}
+
+
+def write_run_outputs(layout: CacheLayout, cfg: EncodeConfig, identity: dict[str, Any], shards: list[ShardRef],
+                      records: dict[str, dict[str, Any]], failed: dict[str, str], seconds: float) -> dict[str, Any]:
+    """Writes the manifest, errors and stats for every committed shard; returns the run summary."""
+    storage.write_bytes(layout.url("_errors.parquet"), parquet_bytes(merged_errors(layout, records)), layout.storage_options)
+    stats = merged_stats(records, identity["latent_space"])
+    if stats is not None:
+        layout.write_json(stats, "_stats.json")
+    counts = run_counts(records)
+    manifest = {
+        **identity,
+        "config": public_dict(cfg),
+        "versions": library_versions(),
+        "counts": counts,
+        "complete": not failed and len(records) == len(shards),
+        "shards": {r["name"]: {k: r.get(k) for k in ("shard", "input", "written", "failed", "fp32_fallback", "files",
+                                                      "shard_status", "shard_error")}
+                   for r in sorted(records.values(), key=lambda r: r["name"])},
+        "failed_shards": failed,
+    }
+    layout.write_json(manifest, "_manifest.json")
+    return {"output": cfg.output, "manifest": layout.url("_manifest.json"), "stats": layout.url("_stats.json"),
+            "errors": layout.url("_errors.parquet"), "shards": len(shards), "committed": len(records),
+            "failed_shards": failed, "counts": counts, "complete": manifest["complete"], "seconds": round(seconds, 2)}

@@ -1,0 +1,157 @@
+"""Image bytes -> uint8 pixels [3, H, W] plus crop metadata, as pure functions.
+
+Pixels stay uint8 until they reach the encoder (4x less to move than float32); `to_model_input`
+maps them to [-1, 1] on the encoder's device. A bad image raises `ImageError`, which the
+batch function turns into an error row: it never stops the job.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps
+
+from .rows import PIXEL_SCHEMA, carry
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+WHITE = (255, 255, 255)
+
+
+class ImageError(ValueError):
+    """The bytes are not a usable image; the message is the reason recorded in the errors table."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessSpec:
+    resolution: int
+    max_pixels: int = 89_478_485
+    min_size: int = 0
+
+
+@dataclass(frozen=True)
+class CropMeta:
+    original_height: int
+    original_width: int
+    crop_top: int
+    crop_left: int
+
+
+def decode_image(data: bytes | None, *, max_pixels: int) -> Image.Image:
+    """Decodes fully (so truncation shows here, not later) and guards against decompression bombs."""
+    if not data:
+        raise ImageError("empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise ImageError(f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels}")
+            img.seek(0)  # animated GIF/WebP: the first frame
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"decompression bomb guard: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+        raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    return img
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    peak = 65535.0 if arr.dtype != np.uint8 else 255.0
+    return Image.fromarray(np.clip(arr.astype(np.float64) * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied; alpha composited on white; grayscale, palette, CMYK, 16-bit handled."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        img = _sixteen_bit_to_l(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGB", img.size, WHITE)
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize_and_crop(img: Image.Image, height: int, width: int, *, crop: str = "center",
+                    rng: np.random.Generator | None = None) -> tuple[Image.Image, CropMeta]:
+    """Resizes to cover (height, width) keeping the aspect ratio, then crops to it."""
+    orig_w, orig_h = img.size
+    scale = max(height / orig_h, width / orig_w)
+    new_w, new_h = max(width, round(orig_w * scale)), max(height, round(orig_h * scale))
+    if (new_w, new_h) != (orig_w, orig_h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
+    if crop == "random" and rng is not None:
+        top, left = int(rng.integers(0, new_h - height + 1)), int(rng.integers(0, new_w - width + 1))
+    else:
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+    if (new_w, new_h) != (width, height):
+        img = img.crop((left, top, left + width, top + height))
+    return img, CropMeta(orig_h, orig_w, top, left)
+
+
+def pixels_chw(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def to_model_input(pixels: Any) -> Any:
+    """uint8 [..., 3, H, W] -> float in [-1, 1] (torch or numpy, dtype float32)."""
+    return pixels.float() / 127.5 - 1.0 if hasattr(pixels, "float") else pixels.astype(np.float32) / 127.5 - 1.0
+
+
+Planner = Callable[[str, int, int], tuple[int, int, str, "np.random.Generator | None"]]
+
+
+def square_planner(spec: PreprocessSpec) -> Planner:
+    def plan(key: str, height: int, width: int) -> tuple[int, int, str, None]:
+        return spec.resolution, spec.resolution, "center", None
+
+    return plan
+
+
+def preprocess_image(data: bytes | None, spec: PreprocessSpec, *, key: str = "",
+                     planner: Planner | None = None) -> tuple[np.ndarray, CropMeta]:
+    img = decode_image(data, max_pixels=spec.max_pixels)
+    img = to_rgb(img)
+    if spec.min_size and min(img.size) < spec.min_size:
+        raise ImageError(f"image is {img.width}x{img.height}, smaller than --min-size {spec.min_size}")
+    height, width, crop, rng = (planner or square_planner(spec))(key, img.height, img.width)
+    img, meta = resize_and_crop(img, height, width, crop=crop, rng=rng)
+    return pixels_chw(img), meta
+
+
+def preprocess_batch(table: pa.Table, spec: PreprocessSpec, planner: Planner | None = None) -> pa.Table:
+    """raw rows -> pixel rows; an undecodable image becomes an error row, never an exception."""
+    n = table.num_rows
+    out: dict[str, list] = {name: [None] * n for name in
+                            ("pixels", "height", "width", "original_height", "original_width", "crop_top", "crop_left")}
+    errors = table.column("error").to_pylist()
+    keys, images = table.column("key").to_pylist(), table.column("image")
+    for i in range(n):
+        if keys[i] is None or errors[i] is not None:
+            continue
+        try:
+            pixels, meta = preprocess_image(images[i].as_py(), spec, key=keys[i], planner=planner)
+        except ImageError as exc:
+            errors[i] = str(exc)
+            continue
+        out["pixels"][i] = pixels.tobytes()
+        out["height"][i], out["width"][i] = pixels.shape[1], pixels.shape[2]
+        for name in ("original_height", "original_width", "crop_top", "crop_left"):
+            out[name][i] = getattr(meta, name)
+    return carry(table, PIXEL_SCHEMA, {**out, "error": errors})
+
+
+def pixels_of(table: pa.Table, i: int) -> np.ndarray:
+    """Row i's uint8 pixels [3, H, W] (a view of the Arrow buffer, no copy)."""
+    height, width = table.column("height")[i].as_py(), table.column("width")[i].as_py()
+    return np.frombuffer(table.column("pixels")[i].as_buffer(), dtype=np.uint8).reshape(3, height, width)

@@ -1,0 +1,250 @@
+"""Input shards -> blocks of raw rows {key, shard, index, image bytes, caption}.
+
+One reader per input format behind a registry. Each shard's rows end with one *marker* row
+(key null, `shard_rows` = how many samples the shard held, `error` = why reading stopped early),
+so the driver knows when every row of a shard has been accounted for and can commit it.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .preprocess import IMAGE_EXTENSIONS
+from .rows import RAW_SCHEMA
+
+CAPTION_EXTENSIONS = ("txt", "caption")
+FOLDER_SHARD_SIZE = 1000
+
+
+class ShardDataError(ValueError):
+    """The shard's container itself is damaged (e.g. a tar cut mid-member): what was read is kept."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    image: bytes | None
+    caption: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceOptions:
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    image_column: str = "image"
+    key_column: str = "key"
+    caption_column: str = "caption"
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One unit of input, resume and output: a tar, a Parquet file, or a chunk of a folder's images."""
+
+    url: str
+    name: str  # output name without extension, relative to the output prefix
+    format: str
+    members: tuple[str, ...] = ()  # folder input: the image URLs of this chunk
+
+    @property
+    def id(self) -> str:
+        """The value of the `shard` column: the input URL (a folder chunk adds its part name)."""
+        return f"{self.url}#{self.name}" if self.members else self.url
+
+
+# ---- WebDataset tars -------------------------------------------------------------------------
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's convention: key up to the basename's first dot
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    caption_ext = next((ext for ext in CAPTION_EXTENSIONS if ext in members), None)
+    caption = members[caption_ext].decode("utf-8", errors="replace") if caption_ext else None
+    if image_ext is None:
+        return Sample(key, None, caption, f"no image member (found: {', '.join(sorted(members)) or 'nothing'})")
+    return Sample(key, members[image_ext], caption)
+
+
+def iter_tar_samples(stream: Any) -> Iterator[Sample]:
+    """Groups consecutive tar members by key, as webdataset does, streaming (never the whole tar)."""
+    key, members = None, {}
+    current = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                parts = split_member_name(info.name) if info.isfile() else None
+                if parts is None:
+                    continue
+                current = parts[0]
+                data = tar.extractfile(info).read()
+                if parts[0] != key and key is not None:
+                    yield _sample_from_members(key, members)
+                    members = {}
+                key = parts[0]
+                members[parts[1]] = data
+                current = None
+    except (tarfile.TarError, EOFError) as exc:
+        if key is not None and current != key:
+            yield _sample_from_members(key, members)
+        if current is not None:
+            yield Sample(current, None, None, f"tar shard truncated inside this sample: {exc}")
+        raise ShardDataError(f"tar shard is damaged: {type(exc).__name__}: {exc}") from None
+    if key is not None:
+        yield _sample_from_members(key, members)
+
+
+def read_tar(shard: ShardRef, options: SourceOptions) -> Iterator[Sample]:
+    fs, path = storage.url_to_fs(shard.url, options.storage_options)
+    with storage.retrying(fs.open)(path, "rb", block_size=8 << 20) as stream:
+        yield from iter_tar_samples(stream)
+
+
+# ---- Parquet files with image bytes ----------------------------------------------------------
+
+
+def parquet_columns(schema: pa.Schema, options: SourceOptions, url: str) -> tuple[str | None, str | None]:
+    """Checks the image column and picks the key and caption columns; raises a clear error."""
+    names = set(schema.names)
+    if options.image_column not in names:
+        raise ValueError(f"{url}: image column {options.image_column!r} not found; columns are "
+                         f"{', '.join(schema.names)} (use --image-column)")
+    key_col = options.key_column if options.key_column in names else None
+    if key_col is None and options.key_column != SourceOptions.key_column:
+        raise ValueError(f"{url}: key column {options.key_column!r} not found (use --key-column)")
+    caption_col = options.caption_column if options.caption_column in names else None
+    if caption_col is None and options.caption_column != SourceOptions.caption_column:
+        raise ValueError(f"{url}: caption column {options.caption_column!r} not found (use --caption-column)")
+    return key_col, caption_col
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+        return value.get("bytes")
+    return value
+
+
+def read_parquet(shard: ShardRef, options: SourceOptions) -> Iterator[Sample]:
+    fs, path = storage.url_to_fs(shard.url, options.storage_options)
+    with storage.retrying(fs.open)(path, "rb") as f:
+        reader = pq.ParquetFile(f)
+        key_col, caption_col = parquet_columns(reader.schema_arrow, options, shard.url)
+        columns = [c for c in (options.image_column, key_col, caption_col) if c]
+        index = 0
+        for batch in reader.iter_batches(batch_size=256, columns=columns):
+            data = batch.to_pydict()
+            for i, image in enumerate(data[options.image_column]):
+                key = str(data[key_col][i]) if key_col else f"{index:09d}"
+                yield Sample(key, _image_bytes(image), data[caption_col][i] if caption_col else None)
+                index += 1
+
+
+# ---- a folder (or prefix) of image files -----------------------------------------------------
+
+
+def read_folder_chunk(shard: ShardRef, options: SourceOptions) -> Iterator[Sample]:
+    """Key = path relative to the folder without extension; caption from a sibling .txt."""
+    fs, root = storage.url_to_fs(shard.url, options.storage_options)
+    for url in shard.members:
+        _, path = storage.url_to_fs(url, options.storage_options)
+        key = posixpath.splitext(posixpath.relpath(path, root))[0]
+        caption_path = posixpath.splitext(path)[0] + ".txt"
+        try:
+            image = storage.retrying(fs.cat_file)(path)
+        except FileNotFoundError as exc:
+            yield Sample(key, None, None, f"image file vanished: {exc}")
+            continue
+        caption = storage.retrying(fs.cat_file)(caption_path).decode("utf-8", "replace") if fs.exists(caption_path) else None
+        yield Sample(key, image, caption)
+
+
+SampleReader = Callable[[ShardRef, SourceOptions], Iterator[Sample]]
+READERS: dict[str, SampleReader] = {
+    "webdataset": read_tar,
+    "parquet": read_parquet,
+    "folder": read_folder_chunk,
+}
+SUFFIX_FORMATS = {".tar": "webdataset", ".parquet": "parquet", ".pq": "parquet"}
+
+
+# ---- planning: which shards, with which output names -----------------------------------------
+
+
+def detect_format(urls: list[str]) -> str:
+    formats = {SUFFIX_FORMATS.get(posixpath.splitext(u)[1].lower()) for u in urls}
+    if formats == {"webdataset"} or formats == {"parquet"}:
+        return formats.pop()
+    if all(posixpath.splitext(u)[1].lower().lstrip(".") in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS for u in urls):
+        return "folder"
+    raise ValueError("cannot tell the input format from the file names (mixed or unknown suffixes); "
+                     "pass --input-format webdataset|parquet|folder")
+
+
+def safe_name(relative: str) -> str:
+    """An output name that stays inside the output prefix whatever the input was called."""
+    parts = [re.sub(r"[^\w.\-]+", "_", p) for p in relative.split("/") if p not in ("", ".", "..")]
+    return "/".join(p.lstrip(".") or "_" for p in parts) or "shard"
+
+
+def _common_dir(urls: list[str]) -> str:
+    return posixpath.commonpath([posixpath.dirname(u) for u in urls]) if len(urls) > 1 else posixpath.dirname(urls[0])
+
+
+def plan_shards(pattern: str, fmt: str, storage_options: dict[str, Any]) -> list[ShardRef]:
+    urls = storage.expand_inputs(pattern, storage_options)
+    fmt = detect_format(urls) if fmt == "auto" else fmt
+    if fmt == "folder":
+        return _folder_chunks(pattern, urls)
+    urls = [u for u in urls if SUFFIX_FORMATS.get(posixpath.splitext(u)[1].lower()) == fmt] or urls
+    base = _common_dir(urls)
+    return [ShardRef(u, safe_name(posixpath.splitext(posixpath.relpath(u, base))[0]), fmt) for u in urls]
+
+
+def _folder_chunks(pattern: str, urls: list[str]) -> list[ShardRef]:
+    images = [u for u in urls if posixpath.splitext(u)[1].lower().lstrip(".") in IMAGE_EXTENSIONS]
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {pattern}")
+    plain_dir = not (storage.is_glob(pattern) or "{" in pattern)
+    root = pattern.rstrip("/") if plain_dir else _common_dir(images)
+    return [ShardRef(root, f"part-{i // FOLDER_SHARD_SIZE:05d}", "folder", tuple(images[i:i + FOLDER_SHARD_SIZE]))
+            for i in range(0, len(images), FOLDER_SHARD_SIZE)]
+
+
+# ---- shard -> blocks of raw rows -------------------------------------------------------------
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+
+
+def read_shard_blocks(shard: ShardRef, options: SourceOptions, *, rows_per_block: int) -> Iterator[pa.Table]:
+    """Streams a shard as bounded blocks, then its marker row. Never raises: errors go in the marker."""
+    rows: list[dict[str, Any]] = []
+    count, error, status = 0, None, "ok"
+    try:
+        for sample in READERS[shard.format](shard, options):
+            rows.append({"key": sample.key, "shard": shard.id, "index": count, "image": sample.image,
+                         "caption": sample.caption, "error": sample.error})
+            count += 1
+            if len(rows) >= rows_per_block:
+                yield _rows_table(rows)
+                rows = []
+    except ShardDataError as exc:
+        error, status = str(exc), "damaged"
+    except Exception as exc:  # noqa: BLE001 - storage faults after retries: the shard is reported failed
+        error, status = f"read failed: {storage.describe(exc)}", "failed"
+    rows.append({"key": None, "shard": shard.id, "index": count, "shard_rows": count,
+                 "error": error, "shard_status": status})
+    yield _rows_table(rows)

@@ -1,0 +1,155 @@
+"""Every byte in or out goes through fsspec: local paths, s3://, gs://, memory:// alike.
+
+Secrets live only in the storage options handed to fsspec; nothing here logs or returns them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import posixpath
+import random
+import time
+import uuid
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from braceexpand import braceexpand
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SECRET_OPTION_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed after its retries."""
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL a user would type for `path` on `fs` (plain paths stay plain)."""
+    if isinstance(fs, LocalFileSystem):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def expand_inputs(pattern: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Brace ranges, then globs, then directories (listed recursively) become a sorted URL list."""
+    urls: list[str] = []
+    for item in braceexpand(pattern):
+        fs, path = url_to_fs(item, storage_options)
+        if is_glob(path):
+            urls += [full_url(fs, p) for p in sorted(fs.glob(path)) if fs.isfile(p)]
+        elif fs.isdir(path):
+            urls += [full_url(fs, p) for p in sorted(fs.find(path))]
+        elif fs.exists(path):
+            urls.append(full_url(fs, path))
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    if not urls:
+        raise FileNotFoundError(f"no input files match {pattern}")
+    return sorted(dict.fromkeys(urls))
+
+
+def retrying(fn: Callable[..., T], *, attempts: int = 5, base_delay: float = 0.2) -> Callable[..., T]:
+    """Retries transient storage errors (throttling, 5xx, dropped connections) with jittered backoff.
+
+    FileNotFoundError and PermissionError are not transient and go straight through.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except (FileNotFoundError, PermissionError, IsADirectoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - any other storage error may be transient
+                if attempt == attempts - 1:
+                    raise StorageError(f"{fn.__name__} failed after {attempts} attempts: {describe(exc)}") from exc
+                delay = base_delay * (2**attempt) * (0.5 + random.random())
+                log.warning("%s failed (%s); retry %d in %.2fs", fn.__name__, describe(exc), attempt + 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line error description without credentials (botocore never echoes secrets; fsspec
+    options might, so anything that looks like one is cut)."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text[:500]
+
+
+def redact(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Storage options as they may be recorded: every value that could be a secret is masked."""
+
+    def masked(key: str, value: Any) -> Any:
+        if isinstance(value, dict):
+            return redact(value)
+        if any(word in key.lower() for word in SECRET_OPTION_WORDS):
+            return "***"
+        return value
+
+    return {k: masked(k, v) for k, v in (options or {}).items()}
+
+
+def _put_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    if isinstance(fs, LocalFileSystem):
+        # Same directory, so the rename is atomic: no reader ever sees a half-written file.
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    else:
+        # Object stores publish an object only when its single PUT completes.
+        fs.pipe_file(path, data)
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Atomically publishes `data` at `url`, retrying transient failures."""
+    fs, path = url_to_fs(url, storage_options)
+    retrying(_put_bytes)(fs, path, data)
+
+
+def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    fs, path = url_to_fs(url, storage_options)
+    return retrying(fs.cat_file)(path)
+
+
+def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = url_to_fs(url, storage_options)
+    return retrying(fs.exists)(path)
+
+
+def list_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Files directly or recursively under `url`; empty when it does not exist."""
+    fs, path = url_to_fs(url, storage_options)
+    fs.invalidate_cache()
+    if not retrying(fs.exists)(path):
+        return []
+    return [full_url(fs, p) for p in sorted(retrying(fs.find)(path))]
+
+
+def remove(urls: list[str], storage_options: dict[str, Any] | None = None) -> None:
+    for url in urls:
+        fs, path = url_to_fs(url, storage_options)
+        try:
+            retrying(fs.rm_file)(path)
+        except FileNotFoundError:
+            pass
