@@ -49,7 +49,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("func", "quiet", "verbose")}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "quiet", "verbose", "command")}
 
 
 def build_parser() -> argparse.ArgumentParser:

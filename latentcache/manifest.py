@@ -56,7 +56,7 @@ class CacheLayout:
         return records
 
     def clear_staging(self) -> None:
-        storage.remove(storage.list_files(self.staging, self.storage_options), self.storage_options)
+        storage.remove_tree(self.staging, self.storage_options)
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -83,7 +83,8 @@ def remove_cache(layout: CacheLayout) -> None:
     files = [layout.url(f["path"]) for r in records for f in r["files"]]
     files += [layout.url(n) for n in ("_manifest.json", "_errors.parquet", "_stats.json")]
     files += storage.list_files(layout.url("_state"), layout.storage_options)
-    storage.remove(files + storage.list_files(layout.staging, layout.storage_options), layout.storage_options)
+    storage.remove(files, layout.storage_options)
+    layout.clear_staging()
 
 
 def library_versions() -> dict[str, str]:
@@ -97,10 +98,3 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     return versions
-
-
-def totals(records: list[dict[str, Any]], inputs: dict[str, int]) -> dict[str, int]:
-    written = sum(r["written"] for r in records)
-    failed = sum(r["failed"] for r in records)
-    return {"input": sum(inputs.get(r["shard"], 0) for r in records), "written": written, "failed": failed,
-            "fp32_fallback": sum(r.get("fp32_fallback", 0) for r in records)}

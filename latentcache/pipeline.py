@@ -108,9 +108,10 @@ def build_dataset(cfg: EncodeConfig, shards: list[ShardRef], layout: CacheLayout
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"spec": pspec}, batch_format="pyarrow", batch_size=None,
                         num_cpus=cfg.decode_cpus)
     ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"model": ModelSpec.from_config(cfg), "spec": espec},
-                        batch_format="pyarrow", batch_size=cfg.batch_size, concurrency=placement.num_encoders,
+                        batch_format="pyarrow", batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=placement.num_encoders),
                         num_gpus=placement.encoder_gpus, num_cpus=placement.encoder_cpus,
-                        runtime_env={"env_vars": ENCODER_ENV}, max_restarts=-1, max_task_retries=-1)
+                        runtime_env={"env_vars": ENCODER_ENV})  # Ray Data restarts dead actors by default
     return ds.map_batches(write_fragments, fn_kwargs={"staging": layout.staging, "storage_options": cfg.storage_options},
                           batch_format="pyarrow", batch_size=None, num_cpus=0.25)
 

@@ -153,3 +153,10 @@ def remove(urls: list[str], storage_options: dict[str, Any] | None = None) -> No
             retrying(fs.rm_file)(path)
         except FileNotFoundError:
             pass
+
+
+def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Deletes everything under `url` (a staging prefix); nothing when it does not exist."""
+    fs, path = url_to_fs(url, storage_options)
+    if retrying(fs.exists)(path):
+        retrying(fs.rm)(path, recursive=True)
