@@ -23,7 +23,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        # address="local": never join a cluster another test (or user) started with `ray start`.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR", object_store_memory=400 << 20)
     from latentcache.pipeline import ensure_ray
 
     ensure_ray()

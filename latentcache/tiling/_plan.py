@@ -71,14 +71,14 @@ class AttentionStep:
         return run_attention(ctx, x, self.spec, final)
 
 
-def _unsupported(path: str, what: str) -> UnsupportedModelError:
+def _unsupported(path: str, what: str, detail: str = "") -> UnsupportedModelError:
     part = path.split(".")[0]
-    return UnsupportedModelError(f"{what} in {part} ({path})")
+    return UnsupportedModelError(f"{what} in {part} ({path}{detail})")
 
 
 def _expect(module: object, cls: type, path: str) -> None:
     if type(module) is not cls:
-        raise _unsupported(path, f"unknown module {type(module).__name__}, expected {cls.__name__}")
+        raise _unsupported(path, f"unknown module {type(module).__name__}", f"; expected {cls.__name__}")
 
 
 def _conv(conv: object, path: str) -> nn.Conv2d:
