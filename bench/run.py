@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentcache.config import EncodeConfig  # noqa: E402
-from latentcache.preprocess import PreprocessSpec, preprocess_image, to_model_input  # noqa: E402
+from latentcache.preprocess import PreprocessSpec, preprocess_image  # noqa: E402
 from latentcache.samples import make_shards  # noqa: E402
 from latentcache.sources import SourceOptions, plan_shards, read_tar  # noqa: E402
 
@@ -78,39 +78,43 @@ def make_corpus(folder: Path, images: int, resolution: int, per_shard: int = 64)
     return sorted(folder.glob("shard-*.tar")), shards * per_shard
 
 
-def load_vae(model: Path) -> Any:
-    from latentcache.models import ModelSpec, load_vae as load
+def naive_transform(img: Any, resolution: int) -> torch.Tensor:
+    """The usual training-script transform: shorter side to R (bicubic), center crop, to [-1, 1]."""
+    from PIL import Image
 
-    vae, family = load(ModelSpec(model=str(model)))
-    return vae, family
-
-
-def encode_batch(vae: Any, family: Any, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode():
-        return family.encode(vae, to_model_input(x.to(device))).mean
-
-
-# ---- (a) naive ---------------------------------------------------------------------------------
+    img = img.convert("RGB")
+    scale = resolution / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def run_naive(shards: list[Path], model: Path, resolution: int, batch_size: int, device: torch.device) -> int:
-    """What training scripts do: decode, crop, encode a batch, save one .npz per image."""
-    vae, family = load_vae(model)
-    vae = vae.to(device)
+    """What training scripts do: webdataset + PIL decode, transform, vae.encode per batch, one .npz per image."""
+    import diffusers
+    import webdataset as wds
+
+    config = json.loads((model / "config.json").read_text())
+    vae = getattr(diffusers, config["_class_name"]).from_pretrained(model).to(device).eval()
     out = Path(tempfile.mkdtemp(prefix="naive-"))
-    spec, n = PreprocessSpec(resolution=resolution), 0
-    batch, keys = [], []
+    batch, keys, n = [], [], 0
+
+    def flush() -> int:
+        with torch.no_grad():
+            encoded = vae.encode(torch.stack(batch).to(device))
+            z = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        return save_npz(out, keys, z * vae.config.scaling_factor)
+
     try:
-        for shard in shards:
-            for sample in read_tar(plan_shards(str(shard), "webdataset", {})[0], SourceOptions()):
-                pixels, _ = preprocess_image(sample.image, spec)
-                batch.append(torch.from_numpy(pixels))
-                keys.append(sample.key)
-                if len(batch) == batch_size:
-                    n += save_npz(out, keys, encode_batch(vae, family, torch.stack(batch), device))
-                    batch, keys = [], []
+        for key, img in wds.WebDataset([str(s) for s in shards], shardshuffle=False).decode("pil").to_tuple("__key__", "jpg"):
+            batch.append(naive_transform(img, resolution))
+            keys.append(key)
+            if len(batch) == batch_size:
+                n += flush()
+                batch, keys = [], []
         if batch:
-            n += save_npz(out, keys, encode_batch(vae, family, torch.stack(batch), device))
+            n += flush()
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return n
@@ -125,18 +129,32 @@ def save_npz(out: Path, keys: list[str], latents: torch.Tensor) -> int:
 # ---- (b) model-only ----------------------------------------------------------------------------
 
 
-def run_model_only(model: Path, resolution: int, batch_size: int, images: int, device: torch.device) -> int:
-    vae, family = load_vae(model)
-    vae = vae.to(device)
+def run_model_only(model: Path, resolution: int, batch_size: int, images: int, device: torch.device,
+                   **features: Any) -> int:
+    """latentcache's own encoder class on uint8 tensors already in memory."""
+    from latentcache.encode import EncodeSpec, LatentEncoder
+    from latentcache.models import ModelSpec
+
+    encoder = LatentEncoder(model=ModelSpec(model=str(model)), spec=EncodeSpec(**features))
     x = torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8)
-    encode_batch(vae, family, x, device)  # warm-up, not timed by the caller's first repeat alone
+    x = x.pin_memory() if device.type == "cuda" else x
+    encoder.encode_pixels(x)  # warm-up (and compile, when asked)
     done = 0
     while done < images:
-        encode_batch(vae, family, x, device)
+        encoder.encode_pixels(x)
         done += batch_size
     if device.type == "cuda":
         torch.cuda.synchronize()
     return done
+
+
+FEATURES = {  # each measured on the model-only path against the fp32 baseline
+    "baseline_fp32": {},
+    "channels_last": {"channels_last": True},
+    "bf16": {"dtype": "bf16"},
+    "bf16_channels_last": {"dtype": "bf16", "channels_last": True},
+    "compile": {"compile": True},
+}
 
 
 # ---- (c) decode-only ---------------------------------------------------------------------------
@@ -216,6 +234,10 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device) -> d
                "results": results, "bound_images_per_s": b,
                "bound_formula": "min(b, c)" if gpu else "1/(1/b + 1/c)",
                "e2e_over_naive": med["e2e"] / med["naive"], "e2e_over_bound": med["e2e"] / b}
+    if args.features:
+        summary["features_model_only"] = {
+            name: timed(lambda f=f: run_model_only(model, workload.resolution, args.batch_size, images, device, **f),
+                        args.repeats)["images_per_s"] for name, f in FEATURES.items() if name in args.features}
     for stage, rate in med.items():
         print(f"[{name}] {stage:12s} {rate:8.1f} images/s (median of {args.repeats})", flush=True)
     print(f"[{name}] bound {b:.1f}  e2e/naive {summary['e2e_over_naive']:.2f}  e2e/bound {summary['e2e_over_bound']:.2f}", flush=True)
@@ -231,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="Override the workload's target side.")
     parser.add_argument("--decode-cpus", type=int, default=None, help="Processes for decode-only (default: all cores).")
     parser.add_argument("--e2e-decode-cpus", type=float, default=None, help="latentcache --decode-cpus for e2e.")
+    parser.add_argument("--features", nargs="*", default=[], choices=sorted(FEATURES),
+                        help="Also measure these encoder features on the model-only path.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", default="bench/results/work")
     parser.add_argument("--out", default="bench/results/bench.json")

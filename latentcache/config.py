@@ -45,12 +45,20 @@ class EncodeConfig:
     resolution: int = opt(256, "Square target side R: resize the shorter side to R (bicubic, antialiased), center-crop RxR.")
     max_pixels: int = opt(89_478_485, "Decompression-bomb guard: images with more pixels become error rows.")
     min_size: int = opt(0, "Images whose shorter side is below this become error rows (0: upscale them instead).")
+    buckets: bool | list = opt(False, "Aspect-ratio buckets: generated from --bucket-area/--bucket-step (flag, or YAML true), or a YAML list of [h, w].")
+    bucket_area: str = opt(None, "Target pixel area HxW of generated buckets, e.g. 1024x1024 (default: --resolution squared).")
+    bucket_step: int = opt(64, "Side step of generated buckets (a multiple of 8).")
+    bucket_min: int = opt(None, "Smallest bucket side (default: half the area's square side).")
+    bucket_max: int = opt(None, "Largest bucket side (default: twice the area's square side).")
+    bucket_no_upscale: bool = opt(False, "Never upscale: an image smaller than its bucket gets the largest bucket of the same ratio that fits.")
+    crop: str = opt("center", "Crop position after resizing to cover the target; random is seeded per key by --seed.", choices=("center", "random"))
+    flip: str = opt("none", "With both, also store latent_flipped: the latent of the horizontally flipped crop.", choices=("none", "both"))
     model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "tiny", "vq"))
     model_config: str = opt(None, "Local diffusers config directory for a single-file checkpoint (works offline).")
     allow_pickle: bool = opt(False, "Allow pickle-based checkpoints (.ckpt/.pt/.bin); they can run arbitrary code.")
     posterior: str = opt("mode", "Latent to store: the posterior's mode, or a sample drawn per key from --seed.", choices=("mode", "sample"))
     store_posterior: bool = opt(False, "Also store posterior_mean and posterior_std (scaled) so trainers can resample.")
-    seed: int = opt(0, "Seed for --posterior sample; the same key and seed always give the same sample.")
+    seed: int = opt(0, "Seed for --posterior sample and --crop random; the same key and seed always give the same result.")
     scaling_factor: float = opt(None, "Override the model config's scaling_factor.")
     shift_factor: float = opt(None, "Override the model config's shift_factor.")
     latents_mean: list = opt(None, "Override per-channel latents_mean (JSON list).")
@@ -64,6 +72,8 @@ class EncodeConfig:
     tiling: str = opt("none", "Tiled encoding for large images.", choices=("none", "diffusers", "exact"))
     tile_size: int = opt(512, "Tile size in pixels for --tiling diffusers.")
     tile_overlap: float = opt(0.25, "Tile overlap fraction for --tiling diffusers.")
+    channels_last: bool = opt(False, "Run the encoder in channels_last memory format (faster convs on many GPUs/CPUs).")
+    compile: bool = opt(False, "torch.compile the encoder (one compile per image shape; pays off on long runs).")
     format: str = opt("parquet", "Output file format, one file per input shard.", choices=("parquet", "safetensors"))
     tensor_layout: str = opt("fixed_shape_tensor", "Parquet latent layout: canonical Arrow tensor or nested lists (HF datasets).", choices=("fixed_shape_tensor", "nested"))
     num_encoders: int = opt(None, "Encoder actors; default: one per GPU, or 1 on CPU.")
@@ -87,6 +97,9 @@ def validate_encode(cfg: EncodeConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if cfg.resolution % 8:
         raise ConfigError(f"--resolution must be a multiple of 8, got {cfg.resolution}")
+    from .buckets import validate_bucket_config  # buckets imports this module
+
+    validate_bucket_config(cfg)
     if cfg.store_dtype == "bf16" and cfg.format != "safetensors":
         raise ConfigError("--store-dtype bf16 needs --format safetensors (Parquet has no bfloat16)")
     if cfg.num_encoders is not None and cfg.num_encoders <= 0:
@@ -104,6 +117,12 @@ def _base_type(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     return typing.get_origin(tp) or tp
+
+
+def _value_kind(tp: Any, value: Any) -> Any:
+    """The union member a value is (`bool | list` takes YAML `true` or a list), else the base type."""
+    members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    return next((m for m in members if m is not type(None) and type(value) is m), _base_type(tp))
 
 
 def _json_arg(kind: type) -> Any:
@@ -159,7 +178,7 @@ def build_config(cls: type, flags: dict[str, Any]) -> Any:
         raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
-        check_value(name, value, _base_type(hints[name]), known[name].metadata.get("choices"))
+        check_value(name, value, _value_kind(hints[name], value), known[name].metadata.get("choices"))
     return cls(**values)
 
 

@@ -21,9 +21,10 @@ import torch
 from .latent_space import LatentSpace
 from .models import TORCH_DTYPES, Encoded, ModelSpec, latent_space_for, load_vae, model_device
 from .preprocess import pixels_of, to_model_input
-from .rows import ENCODED_SCHEMA, carry, good_mask
+from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, carry, good_mask
 
 log = logging.getLogger(__name__)
+FLIP_SUFFIX = "#flip"  # the flipped crop's noise key: differs from the key's, and is just as stable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,10 +36,13 @@ class EncodeSpec:
     store_dtype: str = "fp16"
     store_posterior: bool = False
     vq_output: str = "latent"
+    flip: str = "none"
     slicing: bool = False
     tiling: str = "none"
     tile_size: int = 512
     tile_overlap: float = 0.25
+    channels_last: bool = False
+    compile: bool = False
     threads: int | None = None
     scaling_factor: float | None = None
     shift_factor: float | None = None
@@ -100,6 +104,10 @@ class LatentEncoder:
             vae.tile_sample_min_size = self.spec.tile_size
             vae.tile_latent_min_size = self.spec.tile_size // 8
             vae.tile_overlap_factor = self.spec.tile_overlap
+        if self.spec.channels_last:
+            vae = vae.to(memory_format=torch.channels_last)
+        if self.spec.compile:
+            vae.encoder = torch.compile(vae.encoder)
         return vae
 
     @torch.inference_mode()
@@ -108,6 +116,8 @@ class LatentEncoder:
         vae = vae if vae is not None else self.vae
         dtype = next(vae.parameters()).dtype
         x = to_model_input(x.to(self.device, non_blocking=True)).to(dtype)
+        if self.spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         chunks = x.split(1) if self.spec.slicing else (x,)
         parts = [self.family.encode(vae, chunk) for chunk in chunks]
         return Encoded(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]).float()
@@ -138,18 +148,30 @@ class LatentEncoder:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
-        cols: dict[str, list] = {name: [None] * n for name in ("latent", "posterior_mean", "posterior_std", "codes",
-                                                                 "latent_shape", "store_dtype", "fallback")}
+        cols: dict[str, list] = {name: [None] * n for name in (*TENSOR_COLUMNS, "latent_shape", "store_dtype", "fallback")}
         errors = table.column("error").to_pylist()
         keys = table.column("key").to_pylist()
         for rows in group_by_shape(table):
             x = torch.from_numpy(np.stack([pixels_of(table, i) for i in rows]))
             if self.device.type == "cuda":
                 x = x.pin_memory()
-            encoded, fell_back = self._encode_with_fallback(x)
-            tensors = self.latents(encoded, [keys[i] for i in rows])
+            tensors, fell_back = self._group_tensors(x, [keys[i] for i in rows])
             self._fill(cols, errors, rows, tensors, fell_back)
         return carry(table, ENCODED_SCHEMA, {**cols, "error": errors})
+
+    def _group_tensors(self, x: torch.Tensor, keys: list[str]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """One same-shape group -> stored tensors. With --flip both the mirrored crops ride in the
+        same forward pass (one VAE call of 2B rows) and draw their sample noise from key + FLIP_SUFFIX."""
+        if self.spec.flip != "both":
+            encoded, fell_back = self._encode_with_fallback(x)
+            return self.latents(encoded, keys), fell_back
+        n = len(x)
+        encoded, fell_back = self._encode_with_fallback(torch.cat([x, x.flip(-1)]))
+        tensors = self.latents(rows_of(encoded, slice(0, n)), keys)
+        flipped = self.latents(rows_of(encoded, slice(n, None)), [k + FLIP_SUFFIX for k in keys])
+        if "latent" in flipped:
+            tensors["latent_flipped"] = flipped["latent"]
+        return tensors, fell_back[:n] | fell_back[n:]
 
     def _fill(self, cols: dict[str, list], errors: list, rows: list[int], tensors: dict[str, torch.Tensor],
               fell_back: np.ndarray) -> None:
@@ -176,6 +198,10 @@ def rows_finite(tensors: list[torch.Tensor], n: int) -> list[bool]:
         return [True] * n
     ok = torch.stack([torch.isfinite(t.float().flatten(1)).all(1) for t in tensors]).all(0)
     return ok.cpu().tolist()
+
+
+def rows_of(encoded: Encoded, part: slice) -> Encoded:
+    return Encoded(*(None if t is None else t[part] for t in (encoded.mean, encoded.std, encoded.codes)))
 
 
 def group_by_shape(table: pa.Table) -> list[list[int]]:
