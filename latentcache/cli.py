@@ -1,7 +1,7 @@
 """`latentcache <command>`: parse, call, print a summary, exit with a status a scheduler can gate on.
 
 Exit status: 0 complete; 2 bad usage or unusable input/model (one line on stderr, no traceback);
-3 the run finished but some shards failed (rerun to resume them).
+3 the run finished but some shards failed (rerun to resume them); 1 (audit) an integrity check failed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .models import ModelError
 from .storage import StorageError, describe
 
 EXIT_USAGE, EXIT_INCOMPLETE = 2, 3
+EXIT_AUDIT_FAILED = 1
 USER_ERRORS = (ConfigError, ModelError, StaleOutputError, StorageError, FileNotFoundError, PermissionError, ValueError)
 
 
@@ -30,10 +31,30 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0 if summary["complete"] else EXIT_INCOMPLETE
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import AuditConfig, format_summary, run_audit
+    from .reader import CacheError
+
+    try:
+        summary = run_audit(build_config(AuditConfig, flags_of(args)))
+    except CacheError as exc:  # no manifest at --cache: a wrong path, not a failed audit
+        raise ConfigError(str(exc)) from None
+    print(format_summary(summary))
+    return 0 if summary["ok"] else EXIT_AUDIT_FAILED
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(Path(args.workdir), shards=args.shards, per_shard=args.per_shard)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .corpus_stats import StatsConfig, report_lines, run_stats
+
+    doc = run_stats(build_config(StatsConfig, flags_of(args)), progress=not args.quiet)
+    print("\n".join(report_lines(doc)))
+    return 0
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -66,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=4, help="Number of sample shards (default: 4).")
     demo.add_argument("--per-shard", type=int, default=32, help="Images per shard (default: 32).")
     demo.set_defaults(func=cmd_demo)
+    from .audit import AuditConfig
+
+    audit = sub.add_parser("audit", help="Check a cache's integrity and reconstruction quality (exit 1 on failure).",
+                           description="Integrity and reconstruction audit; writes OUT/_audit/{metrics.parquet,summary.json,report.html}.")
+    add_dataclass_arguments(audit, AuditConfig)
+    audit.set_defaults(func=cmd_audit)
+    from .corpus_stats import StatsConfig
+
+    stats = sub.add_parser("stats", help="Exact latent statistics and suggested scaling over a cache or a raw corpus.",
+                           description="Exact latent statistics (mean/std per channel), suggested scaling_factor, "
+                                       "shift_factor and latents_mean/std with a bootstrap interval.")
+    add_dataclass_arguments(stats, StatsConfig)
+    stats.add_argument("-q", "--quiet", action="store_true", help="No progress bar.")
+    stats.set_defaults(func=cmd_stats)
     return parser
 
 

@@ -22,11 +22,12 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message says which and why."""
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None) -> Any:
-    meta = {"help": help, "choices": choices, "flag": flag}
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None, secret: bool = False) -> Any:
+    """`secret`: left out of the config's repr, so a logged or raised config never shows credentials."""
+    meta = {"help": help, "choices": choices, "flag": flag, "secret": secret}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta, repr=not secret)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -41,7 +42,7 @@ class EncodeConfig:
     image_column: str = opt("image", "Parquet input: column holding image bytes (or a struct with a 'bytes' field).")
     key_column: str = opt("key", "Parquet input: column holding the sample key (row number when absent).")
     caption_column: str = opt("caption", "Parquet input: column holding the caption (none when absent).")
-    storage_options: dict = opt({}, "JSON object of fsspec storage options, e.g. '{\"endpoint_url\": \"http://...\"}'.")
+    storage_options: dict = opt({}, "JSON object of fsspec storage options, e.g. '{\"endpoint_url\": \"http://...\"}'.", secret=True)
     resolution: int = opt(256, "Square target side R: resize the shorter side to R (bicubic, antialiased), center-crop RxR.")
     max_pixels: int = opt(89_478_485, "Decompression-bomb guard: images with more pixels become error rows.")
     min_size: int = opt(0, "Images whose shorter side is below this become error rows (0: upscale them instead).")
@@ -55,6 +56,7 @@ class EncodeConfig:
     flip: str = opt("none", "With both, also store latent_flipped: the latent of the horizontally flipped crop.", choices=("none", "both"))
     model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "tiny", "vq"))
     model_config: str = opt(None, "Local diffusers config directory for a single-file checkpoint (works offline).")
+    model_subfolder: str = opt(None, "Subfolder of --model that holds the VAE, e.g. vae in a full pipeline repo.")
     allow_pickle: bool = opt(False, "Allow pickle-based checkpoints (.ckpt/.pt/.bin); they can run arbitrary code.")
     posterior: str = opt("mode", "Latent to store: the posterior's mode, or a sample drawn per key from --seed.", choices=("mode", "sample"))
     store_posterior: bool = opt(False, "Also store posterior_mean and posterior_std (scaled) so trainers can resample.")
@@ -91,12 +93,15 @@ def validate_encode(cfg: EncodeConfig) -> None:
     for name in ("input", "output", "model"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name.replace('_', '-')} is required")
-    positive = {"resolution": cfg.resolution, "batch_size": cfg.batch_size, "rows_per_block": cfg.rows_per_block}
+    positive = {"resolution": cfg.resolution, "batch_size": cfg.batch_size, "rows_per_block": cfg.rows_per_block,
+                "tile_size": cfg.tile_size}
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if cfg.resolution % 8:
         raise ConfigError(f"--resolution must be a multiple of 8, got {cfg.resolution}")
+    if not 0 <= cfg.tile_overlap < 1:
+        raise ConfigError(f"--tile-overlap must be a fraction of a tile in [0, 1), got {cfg.tile_overlap}")
     from .buckets import validate_bucket_config  # buckets imports this module
 
     validate_bucket_config(cfg)

@@ -19,9 +19,11 @@ import pyarrow as pa
 import torch
 
 from .latent_space import LatentSpace
-from .models import TORCH_DTYPES, Encoded, ModelSpec, latent_space_for, load_vae, model_device
+from .models import (TORCH_DTYPES, Encoded, ModelSpec, compute_dtype, enable_tiling, latent_space_for, load_vae,
+                     model_device)
 from .preprocess import pixels_of, to_model_input
 from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, carry, good_mask
+from .sinks import NONFINITE_REASON
 
 log = logging.getLogger(__name__)
 FLIP_SUFFIX = "#flip"  # the flipped crop's noise key: differs from the key's, and is just as stable
@@ -91,19 +93,15 @@ class LatentEncoder:
         self._fp32_vae: Any = None if self.compute_dtype == torch.float32 else vae
 
     def _compute_dtype(self, vae: Any) -> torch.dtype:
-        dtype = TORCH_DTYPES[self.spec.dtype]
-        if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and not self.spec.no_upcast:
+        dtype = compute_dtype(vae.config, self.spec.dtype, self.spec.no_upcast)
+        if dtype != TORCH_DTYPES[self.spec.dtype]:
             log.info("model config sets force_upcast: encoding in fp32 (pass --no-upcast to force fp16)")
-            return torch.float32
         return dtype
 
     def _prepare(self, vae: Any) -> Any:
-        vae = copy.deepcopy(vae) if self.spec.dtype != "fp32" else vae
-        if self.spec.tiling == "diffusers":
-            vae.enable_tiling()
-            vae.tile_sample_min_size = self.spec.tile_size
-            vae.tile_latent_min_size = self.spec.tile_size // 8
-            vae.tile_overlap_factor = self.spec.tile_overlap
+        if self.spec.tiling == "diffusers":  # on the original too, so that an fp32 re-run tiles the same way
+            enable_tiling(vae, self.family, tile_size=self.spec.tile_size, overlap=self.spec.tile_overlap)
+        vae = copy.deepcopy(vae) if self.compute_dtype != torch.float32 else vae
         if self.spec.channels_last:
             vae = vae.to(memory_format=torch.channels_last)
         if self.spec.compile:
@@ -126,10 +124,10 @@ class LatentEncoder:
     def _encode_with_fallback(self, x: torch.Tensor) -> tuple[Encoded, np.ndarray]:
         """Re-runs a batch in fp32 when reduced precision gave NaN/Inf; returns which rows fell back."""
         encoded = self.encode_pixels(x)
-        bad = ~torch.isfinite(encoded.mean).flatten(1).all(1)
-        if not bad.any() or self._fp32_vae is None:
+        finite = rows_finite([t for t in (encoded.mean, encoded.std) if t is not None], len(x))
+        if all(finite) or self._fp32_vae is None:
             return encoded, np.zeros(len(x), dtype=bool)
-        log.warning("non-finite latents in %s for %d row(s): re-running the batch in fp32", self.compute_dtype, int(bad.sum()))
+        log.warning("non-finite latents in %s for %d row(s): re-running the batch in fp32", self.compute_dtype, finite.count(False))
         self._fp32_vae = self._fp32_vae.to(self.device, torch.float32)
         return self.encode_pixels(x, self._fp32_vae), np.ones(len(x), dtype=bool)
 
@@ -182,7 +180,7 @@ class LatentEncoder:
         shape = list(tensors["latent"].shape[1:]) if "latent" in tensors else [1, *tensors["codes"].shape[1:]]
         for j, i in enumerate(rows):
             if not (finite[j] and storable[j]):
-                errors[i] = ("non-finite latent (NaN/Inf), also in fp32" if not finite[j]
+                errors[i] = (f"{NONFINITE_REASON} (NaN/Inf), also in fp32" if not finite[j]
                              else f"latent overflows --store-dtype {self.spec.store_dtype}")
                 continue
             for name, values in packed.items():

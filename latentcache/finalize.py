@@ -34,9 +34,10 @@ def merged_stats(records: dict[str, dict[str, Any]], space: dict[str, Any]) -> d
             "latent_space": space, "moments": moments.to_dict()}
 
 
-def run_counts(records: dict[str, dict[str, Any]]) -> dict[str, int]:
+def run_counts(records: dict[str, dict[str, Any]],
+               names: tuple[str, ...] = ("input", "written", "failed", "fp32_fallback")) -> dict[str, int]:
     rows = records.values()
-    return {name: sum(r.get(name, 0) for r in rows) for name in ("input", "written", "failed", "fp32_fallback")}
+    return {name: sum(r.get(name, 0) for r in rows) for name in names}
 
 
 def write_run_outputs(layout: CacheLayout, cfg: EncodeConfig, identity: dict[str, Any], shards: list[ShardRef],
@@ -52,8 +53,11 @@ def write_run_outputs(layout: CacheLayout, cfg: EncodeConfig, identity: dict[str
         "config": public_dict(cfg),
         "versions": library_versions(),
         "counts": counts,
+        # rows whose batch was re-run in fp32 after NaN/Inf, and rows still non-finite (in _errors.parquet)
+        "precision": {"dtype": cfg.dtype, "compute_dtype": identity.get("compute_dtype"),
+                      **run_counts(records, ("fp32_fallback", "nonfinite"))},
         "complete": not failed and len(records) == len(shards),
-        "shards": {r["name"]: {k: r.get(k) for k in ("shard", "input", "written", "failed", "fp32_fallback", "files",
+        "shards": {r["name"]: {k: r.get(k) for k in ("shard", "input", "written", "failed", "fp32_fallback", "nonfinite", "files",
                                                       "shard_status", "shard_error")}
                    for r in sorted(records.values(), key=lambda r: r["name"])},
         "failed_shards": failed,

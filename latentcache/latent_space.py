@@ -51,7 +51,8 @@ class LatentSpace:
         if mean is not None and std is not None:
             return cls(convention="per_channel", scaling_factor=scaling,
                        latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)))
-        if shift is not None:
+        # AutoencoderTiny's config carries shift_factor 0.0: that is plain scaling, and is recorded as such.
+        if shift is not None and (float(shift) != 0.0 or overrides.get("shift_factor") is not None):
             return cls(convention="shift_scale", scaling_factor=scaling, shift_factor=float(shift))
         return cls(convention="scale", scaling_factor=scaling)
 

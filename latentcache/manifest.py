@@ -4,6 +4,7 @@ Layout under the output prefix:
     _state/run.json              the identity of the run that owns this prefix (stale-output check)
     _state/shards/<name>.json    one record per committed shard (the resume unit)
     _state/errors/<name>.parquet error rows per committed shard
+    _state/keys/<name>.parquet   the keys a shard's commit kept (the cross-shard duplicate check)
     _staging/                    fragments of shards in flight; removed at start and end
     _manifest.json, _errors.parquet, _stats.json   written at the end of every run
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
@@ -28,7 +29,7 @@ class StaleOutputError(RuntimeError):
 @dataclass(frozen=True)
 class CacheLayout:
     output: str
-    storage_options: dict[str, Any]
+    storage_options: dict[str, Any] = field(repr=False)  # may hold credentials
 
     def url(self, *parts: str) -> str:
         return storage.join(self.output, *parts)
@@ -56,7 +57,9 @@ class CacheLayout:
         return records
 
     def clear_staging(self) -> None:
+        """Removes the fragments of shards in flight and any partial file a killed writer left."""
         storage.remove_tree(self.staging, self.storage_options)
+        storage.remove_partial_files(self.output, self.storage_options)
 
 
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -12,22 +12,24 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import pyarrow as pa
 import ray
 import ray.data
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from tqdm import tqdm
 
-from . import finalize, storage
+from . import dedupe, finalize, storage
+from .buckets import BucketPlanner, bucket_identity, preprocess_bucketed
 from .config import EncodeConfig
 from .encode import EncodeSpec, LatentEncoder
 from .manifest import CacheLayout, claim_output
-from .models import ModelError, ModelSpec, latent_space_for, load_vae, weights_sha256
+from .models import ModelSpec, check_options, compute_dtype, hub_env, latent_space_for, load_vae, weights_sha256
 from .preprocess import PreprocessSpec, preprocess_batch
 from .sinks import CommitSpec, commit_shard, write_fragments
-from .sources import ShardRef, SourceOptions, plan_shards, read_shard_blocks
+from .sources import ShardRef, SourceOptions, plan_shards, preflight, read_shard_blocks
 
 log = logging.getLogger(__name__)
 
@@ -91,42 +93,68 @@ def plan_placement(cfg: EncodeConfig) -> Placement:
 
 def identity(cfg: EncodeConfig, sha: dict[str, str], family: str, space: dict[str, Any]) -> dict[str, Any]:
     return {"model": cfg.model, "model_sha256": sha, "model_class": family, "latent_space": space,
-            "preprocess": {"resolution": cfg.resolution, "crop": "center", "resize": "bicubic-antialias",
-                           "max_pixels": cfg.max_pixels, "min_size": cfg.min_size},
+            "preprocess": {"resolution": cfg.resolution, "resize": "bicubic-antialias",
+                           "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, **bucket_identity(cfg)},
             "posterior": cfg.posterior, "seed": cfg.seed if cfg.posterior == "sample" else None,
             "store_dtype": cfg.store_dtype, "format": cfg.format, "tensor_layout": cfg.tensor_layout,
             "vq_output": cfg.vq_output, "store_posterior": cfg.store_posterior, "dtype": cfg.dtype}
 
 
-def build_dataset(cfg: EncodeConfig, shards: list[ShardRef], layout: CacheLayout, placement: Placement) -> ray.data.Dataset:
-    options = SourceOptions(storage_options=cfg.storage_options, image_column=cfg.image_column,
-                            key_column=cfg.key_column, caption_column=cfg.caption_column)
+def read_dataset(cfg: EncodeConfig, shards: list[ShardRef]) -> ray.data.Dataset:
+    """Raw rows (and each shard's marker), one read task per shard."""
+    options = SourceOptions.from_config(cfg)
+    return ray.data.read_datasource(ShardDatasource(shards, options, cfg.rows_per_block), override_num_blocks=len(shards))
+
+
+def encoded_dataset(cfg: EncodeConfig, shards: list[ShardRef], placement: Placement, *,
+                    select: Callable[[pa.Table], pa.Table] | None = None) -> ray.data.Dataset:
+    """read -> [select] -> preprocess -> encode, nothing written: shared by encode and the stats job.
+
+    `select` filters raw rows before any image is decoded (the stats job's sample)."""
     pspec = PreprocessSpec(resolution=cfg.resolution, max_pixels=cfg.max_pixels, min_size=cfg.min_size)
     espec = EncodeSpec.from_config(cfg)
     espec = EncodeSpec(**{**espec.__dict__, "threads": placement.encoder_threads})
-    ds = ray.data.read_datasource(ShardDatasource(shards, options, cfg.rows_per_block), override_num_blocks=len(shards))
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"spec": pspec}, batch_format="pyarrow", batch_size=None,
+    ds = read_dataset(cfg, shards)
+    if select is not None:  # same CPUs as preprocess, so Ray fuses read, select and decode into one task
+        ds = ds.map_batches(select, batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus)
+    decode = preprocess_bucketed if cfg.buckets else preprocess_batch  # bucketed: rows sorted by shape
+    ds = ds.map_batches(decode, fn_kwargs={"spec": pspec, "planner": BucketPlanner.from_config(cfg)},
+                        batch_format="pyarrow", batch_size=None,
                         num_cpus=cfg.decode_cpus)
     ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"model": ModelSpec.from_config(cfg), "spec": espec},
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=placement.num_encoders),
                         num_gpus=placement.encoder_gpus, num_cpus=placement.encoder_cpus,
-                        runtime_env={"env_vars": ENCODER_ENV})  # Ray Data restarts dead actors by default
-    return ds.map_batches(write_fragments, fn_kwargs={"staging": layout.staging, "storage_options": cfg.storage_options},
-                          batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+                        runtime_env={"env_vars": {**ENCODER_ENV, **hub_env()}})  # Ray Data restarts dead actors by default
+    return ds
+
+
+def build_dataset(cfg: EncodeConfig, shards: list[ShardRef], layout: CacheLayout, placement: Placement) -> ray.data.Dataset:
+    return encoded_dataset(cfg, shards, placement).map_batches(
+        write_fragments, fn_kwargs={"staging": layout.staging, "storage_options": cfg.storage_options},
+        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+
+
+def iter_mapped(ds: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> Iterator[dict[str, Any]]:
+    """Runs a Ray-free per-block function after `ds` and streams its (small) rows to the driver."""
+    mapped = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from batch.to_pylist()
 
 
 def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     """Encodes every shard not yet committed under cfg.output; returns the run summary."""
     started = time.time()
     shards = plan_shards(cfg.input, cfg.input_format, cfg.storage_options)
+    preflight(shards, SourceOptions.from_config(cfg))
     vae, family = load_vae(ModelSpec.from_config(cfg))
-    if cfg.posterior == "sample" and not family.stochastic:
-        raise ModelError(f"--posterior sample needs a model with a posterior; {family.class_name} is deterministic")
+    check_options(family, cfg)
     space = latent_space_for(vae, cfg).to_dict()
+    dtype = str(compute_dtype(vae.config, cfg.dtype, cfg.no_upcast)).removeprefix("torch.")
     del vae
     layout = CacheLayout(cfg.output, cfg.storage_options)
-    run_identity = identity(cfg, weights_sha256(cfg.model), family.name, space)
+    run_identity = {**identity(cfg, weights_sha256(cfg.model, cfg.model_subfolder), family.name, space),
+                    "compute_dtype": dtype}
     claim_output(layout, run_identity, overwrite=cfg.overwrite)
     layout.clear_staging()
     records = layout.committed_records()
@@ -135,9 +163,11 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     if todo:
         ensure_ray()
         spec = CommitSpec(output=cfg.output, format=cfg.format, tensor_layout=cfg.tensor_layout, space=space,
-                          storage_options=cfg.storage_options)
+                          storage_options=cfg.storage_options, bucketed=bool(cfg.buckets))
         records.update(drive(build_dataset(cfg, todo, layout, plan_placement(cfg)), todo, spec, layout, failed, progress))
     layout.clear_staging()
+    records = dedupe.drop_cross_shard_duplicates(layout, records, shards, fmt=cfg.format, space=space,
+                                                 store_dtype=cfg.store_dtype)
     return finalize.write_run_outputs(layout, cfg, run_identity, shards, records, failed, time.time() - started)
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
-from .rows import PIXEL_SCHEMA, carry
+from .rows import CROP, PIXEL_SCHEMA, carry
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")  # animated GIF/WebP: the first frame
 WHITE = (255, 255, 255)
 
 
@@ -35,10 +35,15 @@ class PreprocessSpec:
 
 @dataclass(frozen=True)
 class CropMeta:
+    """SDXL's micro-conditioning: original_size, crops_coords_top_left (in the resized image), target_size."""
+
     original_height: int
     original_width: int
     crop_top: int
     crop_left: int
+    crop_left_flipped: int  # crop_left in the mirrored resized image, for latent_flipped
+    bucket_height: int
+    bucket_width: int
 
 
 def decode_image(data: bytes | None, *, max_pixels: int) -> Image.Image:
@@ -96,7 +101,7 @@ def resize_and_crop(img: Image.Image, height: int, width: int, *, crop: str = "c
         top, left = (new_h - height) // 2, (new_w - width) // 2
     if (new_w, new_h) != (width, height):
         img = img.crop((left, top, left + width, top + height))
-    return img, CropMeta(orig_h, orig_w, top, left)
+    return img, CropMeta(orig_h, orig_w, top, left, new_w - width - left, height, width)
 
 
 def pixels_chw(img: Image.Image) -> np.ndarray:
@@ -133,7 +138,7 @@ def preprocess_batch(table: pa.Table, spec: PreprocessSpec, planner: Planner | N
     """raw rows -> pixel rows; an undecodable image becomes an error row, never an exception."""
     n = table.num_rows
     out: dict[str, list] = {name: [None] * n for name in
-                            ("pixels", "height", "width", "original_height", "original_width", "crop_top", "crop_left")}
+                            ("pixels", "height", "width", *(name for name, _ in CROP))}
     errors = table.column("error").to_pylist()
     keys, images = table.column("key").to_pylist(), table.column("image")
     for i in range(n):
@@ -146,7 +151,7 @@ def preprocess_batch(table: pa.Table, spec: PreprocessSpec, planner: Planner | N
             continue
         out["pixels"][i] = pixels.tobytes()
         out["height"][i], out["width"][i] = pixels.shape[1], pixels.shape[2]
-        for name in ("original_height", "original_width", "crop_top", "crop_left"):
+        for name, _ in CROP:
             out[name][i] = getattr(meta, name)
     return carry(table, PIXEL_SCHEMA, {**out, "error": errors})
 

@@ -1,8 +1,8 @@
 """The rows that flow between stages, as Arrow schemas: the contract between modules.
 
     raw      (sources)    key, shard, index, image, caption, error, shard_rows, shard_status
-    pixels   (preprocess) raw - image + pixels, height, width, original_*, crop_*
-    encoded  (encode)     pixels - pixels + latent, posterior_mean, posterior_std, codes, latent_shape, fallback
+    pixels   (preprocess) raw - image + pixels, height, width, original_*, crop_*, bucket_*
+    encoded  (encode)     pixels - pixels + latent, posterior_mean, posterior_std, codes, latent_flipped, latent_shape, fallback
 
 Every stage passes every row through, error rows and each shard's marker row included, so the
 driver can reconcile counts per shard. Tensors travel as raw bytes plus a shape: rows of
@@ -28,10 +28,13 @@ CROP = [
     ("original_width", pa.int32()),
     ("crop_top", pa.int32()),
     ("crop_left", pa.int32()),
+    ("crop_left_flipped", pa.int32()),  # crop_left of the mirrored image: SDXL's crop coords for latent_flipped
+    ("bucket_height", pa.int32()),  # the crop's size: SDXL's target_size
+    ("bucket_width", pa.int32()),
 ]
 RAW_SCHEMA = pa.schema(PASSTHROUGH[:3] + [("image", pa.binary())] + PASSTHROUGH[3:])
 PIXEL_SCHEMA = pa.schema(PASSTHROUGH + CROP + [("pixels", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
-TENSOR_COLUMNS = ("latent", "posterior_mean", "posterior_std", "codes")
+TENSOR_COLUMNS = ("latent", "posterior_mean", "posterior_std", "codes", "latent_flipped")
 ENCODED_SCHEMA = pa.schema(
     PASSTHROUGH + CROP
     + [(name, pa.binary()) for name in TENSOR_COLUMNS]

@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -32,6 +32,7 @@ FRAGMENT_META = pa.schema([
     ("shard", pa.string()), ("fragment", pa.string()), ("rows", pa.int64()),
     ("shard_rows", pa.int64()), ("shard_status", pa.string()), ("shard_error", pa.string()),
 ])
+NONFINITE_REASON = "non-finite latent"  # how encode.py's error rows for NaN/Inf latents begin
 NUMPY_STORE = {"fp16": np.float16, "fp32": np.float32, "bf16": np.int16}  # bf16 travels as its bit pattern
 
 
@@ -183,15 +184,24 @@ def group_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, ...], ShardRows]:
     return groups
 
 
-def output_name(name: str, shape: tuple[int, ...], many_shapes: bool) -> str:
-    return f"{name}_{shape[-2] * 8}x{shape[-1] * 8}" if many_shapes else name
+def output_name(name: str, group: ShardRows, by_bucket: bool) -> str:
+    """`<shard>` or `<shard>_<H>x<W>`, H x W being the rows' bucket (the crop size in pixels)."""
+    first = group.rows[0]
+    return f"{name}_{first['bucket_height']}x{first['bucket_width']}" if by_bucket else name
+
+
+def bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (int16) -> float32: a bf16 is the top half of the float32 with the same bits."""
+    return (bits.astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def shard_moments(group: ShardRows, space: LatentSpace) -> Moments | None:
     """Statistics of the raw latents exactly as a reader recovers them from the stored values."""
-    if "latent" not in group.tensors or group.store_dtype == "bf16":
+    if "latent" not in group.tensors:
         return None
-    return Moments.of(space.to_raw(group.tensors["latent"].astype(np.float64)))
+    stored = group.tensors["latent"]
+    stored = bf16_bits_to_float(stored) if group.store_dtype == "bf16" else stored
+    return Moments.of(space.to_raw(stored.astype(np.float64)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,7 +210,8 @@ class CommitSpec:
     format: str
     tensor_layout: str
     space: dict[str, Any]
-    storage_options: dict[str, Any]
+    storage_options: dict[str, Any] = field(repr=False)  # may hold credentials
+    bucketed: bool = False  # name every file <shard>_<H>x<W>, even when a shard has one bucket
 
 
 def commit_shard(*, shard: str, name: str, fragments: list[str], spec: CommitSpec) -> dict[str, Any]:
@@ -214,13 +225,17 @@ def commit_shard(*, shard: str, name: str, fragments: list[str], spec: CommitSpe
     space = LatentSpace.from_dict(spec.space)
     files = []
     for shape, group in groups.items():
-        relative = output_name(name, shape, len(groups) > 1) + suffix
+        relative = output_name(name, group, len(groups) > 1 or spec.bucketed) + suffix
         storage.write_bytes(storage.join(spec.output, relative), writer(group, spec.tensor_layout), spec.storage_options)
         files.append({"path": relative, "rows": len(group.rows), "latent_shape": list(shape)})
     errors = pa.Table.from_pylist([{"key": r["key"], "shard": shard, "reason": r["error"]} for r in failed], schema=ERRORS_SCHEMA)
     storage.write_bytes(storage.join(spec.output, "_state", "errors", name + ".parquet"), parquet_bytes(errors), spec.storage_options)
+    # The keys this commit kept, never changed afterwards: dedupe.py checks keys across shards with them.
+    keys = pa.table({"key": pa.array([r["key"] for r in good], pa.string())})
+    storage.write_bytes(storage.join(spec.output, "_state", "keys", name + ".parquet"), parquet_bytes(keys), spec.storage_options)
     moments = merge_all(m for m in (shard_moments(g, space) for g in groups.values()) if m is not None)
     storage.remove(fragments, spec.storage_options)
     return {"shard": shard, "name": name, "files": files, "written": len(good), "failed": len(failed),
             "fp32_fallback": sum(1 for r in good if r["fallback"] == "fp32"),
+            "nonfinite": sum(1 for r in failed if r["error"].startswith(NONFINITE_REASON)),
             "moments": moments.to_dict() if moments else None}

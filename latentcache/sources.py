@@ -38,10 +38,15 @@ class Sample:
 
 @dataclass(frozen=True, kw_only=True)
 class SourceOptions:
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
     image_column: str = "image"
     key_column: str = "key"
     caption_column: str = "caption"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "SourceOptions":
+        return cls(storage_options=cfg.storage_options, image_column=cfg.image_column,
+                   key_column=cfg.key_column, caption_column=cfg.caption_column)
 
 
 @dataclass(frozen=True)
@@ -79,36 +84,37 @@ def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
 
 
 def iter_tar_samples(stream: Any) -> Iterator[Sample]:
-    """Groups consecutive tar members by key, as webdataset does, streaming (never the whole tar)."""
+    """Groups consecutive tar members by key, as webdataset does, streaming (never the whole tar).
+
+    A member whose key and extension repeat the previous one starts a new sample with the same
+    key (which the commit then records as a duplicate) instead of silently replacing it."""
     key, members = None, {}
-    current = None
+    current = None  # the key of the member being read, while it is read
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 parts = split_member_name(info.name) if info.isfile() else None
                 if parts is None:
                     continue
+                if key is not None and (parts[0] != key or parts[1] in members):
+                    yield _sample_from_members(key, members)
+                    key, members = None, {}
                 current = parts[0]
                 data = tar.extractfile(info).read()
-                if parts[0] != key and key is not None:
-                    yield _sample_from_members(key, members)
-                    members = {}
-                key = parts[0]
+                key, current = parts[0], None
                 members[parts[1]] = data
-                current = None
     except (tarfile.TarError, EOFError) as exc:
-        if key is not None and current != key:
-            yield _sample_from_members(key, members)
         if current is not None:
             yield Sample(current, None, None, f"tar shard truncated inside this sample: {exc}")
+        elif key is not None:
+            yield _sample_from_members(key, members)
         raise ShardDataError(f"tar shard is damaged: {type(exc).__name__}: {exc}") from None
     if key is not None:
         yield _sample_from_members(key, members)
 
 
 def read_tar(shard: ShardRef, options: SourceOptions) -> Iterator[Sample]:
-    fs, path = storage.url_to_fs(shard.url, options.storage_options)
-    with storage.retrying(fs.open)(path, "rb", block_size=8 << 20) as stream:
+    with storage.open_retrying(shard.url, options.storage_options, block_size=8 << 20) as stream:
         yield from iter_tar_samples(stream)
 
 
@@ -121,6 +127,10 @@ def parquet_columns(schema: pa.Schema, options: SourceOptions, url: str) -> tupl
     if options.image_column not in names:
         raise ValueError(f"{url}: image column {options.image_column!r} not found; columns are "
                          f"{', '.join(schema.names)} (use --image-column)")
+    image_type = schema.field(options.image_column).type
+    if not _holds_bytes(image_type):
+        raise ValueError(f"{url}: image column {options.image_column!r} holds {image_type}, not image bytes "
+                         "(binary, or a struct with a 'bytes' field)")
     key_col = options.key_column if options.key_column in names else None
     if key_col is None and options.key_column != SourceOptions.key_column:
         raise ValueError(f"{url}: key column {options.key_column!r} not found (use --key-column)")
@@ -130,6 +140,17 @@ def parquet_columns(schema: pa.Schema, options: SourceOptions, url: str) -> tupl
     return key_col, caption_col
 
 
+def _holds_bytes(kind: pa.DataType) -> bool:
+    if pa.types.is_struct(kind):
+        return kind.get_field_index("bytes") >= 0 and _holds_bytes(kind.field("bytes").type)
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def check_parquet_shard(shard: ShardRef, options: SourceOptions) -> None:
+    with storage.open_retrying(shard.url, options.storage_options) as f:
+        parquet_columns(pq.ParquetFile(f).schema_arrow, options, shard.url)
+
+
 def _image_bytes(value: Any) -> bytes | None:
     if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
         return value.get("bytes")
@@ -137,8 +158,7 @@ def _image_bytes(value: Any) -> bytes | None:
 
 
 def read_parquet(shard: ShardRef, options: SourceOptions) -> Iterator[Sample]:
-    fs, path = storage.url_to_fs(shard.url, options.storage_options)
-    with storage.retrying(fs.open)(path, "rb") as f:
+    with storage.open_retrying(shard.url, options.storage_options) as f:
         reader = pq.ParquetFile(f)
         key_col, caption_col = parquet_columns(reader.schema_arrow, options, shard.url)
         columns = [c for c in (options.image_column, key_col, caption_col) if c]
@@ -177,6 +197,17 @@ READERS: dict[str, SampleReader] = {
     "folder": read_folder_chunk,
 }
 SUFFIX_FORMATS = {".tar": "webdataset", ".parquet": "parquet", ".pq": "parquet"}
+# Checks run on the driver against the first shard, so a wrong column name is one clear error
+# before the run starts instead of every shard failing on the cluster.
+PREFLIGHT: dict[str, Callable[[ShardRef, SourceOptions], None]] = {
+    "parquet": check_parquet_shard,
+}
+
+
+def preflight(shards: list[ShardRef], options: SourceOptions) -> None:
+    check = PREFLIGHT.get(shards[0].format) if shards else None
+    if check is not None:
+        check(shards[0], options)
 
 
 # ---- planning: which shards, with which output names -----------------------------------------

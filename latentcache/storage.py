@@ -6,6 +6,7 @@ Secrets live only in the storage options handed to fsspec; nothing here logs or 
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import posixpath
 import random
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SECRET_OPTION_WORDS = ("secret", "token", "password", "key", "credential", "session")
+TMP_PREFIX = ".tmp-"  # a local file being written; renamed into place when complete
 
 
 class StorageError(RuntimeError):
@@ -28,7 +30,9 @@ class StorageError(RuntimeError):
 
 
 def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    # No listings cache: fsspec reuses one instance per options, so a listing cached by an earlier
+    # call would hide objects that workers or uploads added since (a resumed run, new shards).
+    return fsspec.core.url_to_fs(url, **{"use_listings_cache": False, **(storage_options or {})})
 
 
 def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -52,16 +56,27 @@ def expand_inputs(pattern: str, storage_options: dict[str, Any] | None = None) -
     for item in braceexpand(pattern):
         fs, path = url_to_fs(item, storage_options)
         if is_glob(path):
-            urls += [full_url(fs, p) for p in sorted(fs.glob(path)) if fs.isfile(p)]
-        elif fs.isdir(path):
-            urls += [full_url(fs, p) for p in sorted(fs.find(path))]
-        elif fs.exists(path):
-            urls.append(full_url(fs, path))
+            urls += [full_url(fs, p) for p in sorted(retrying(fs.glob)(path)) if fs.isfile(p)]
         else:
-            raise FileNotFoundError(f"input not found: {item}")
+            urls += _expand_path(fs, path, item)
     if not urls:
         raise FileNotFoundError(f"no input files match {pattern}")
     return sorted(dict.fromkeys(urls))
+
+
+def _expand_path(fs: fsspec.AbstractFileSystem, path: str, item: str) -> list[str]:
+    """A directory's files, or the file itself. A file that cannot even be looked at now is kept:
+    its read then fails and reports the shard as failed, rather than failing the whole run."""
+    try:
+        info = retrying(fs.info)(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"input not found: {item}") from None
+    except StorageError as exc:
+        log.warning("cannot look at %s (%s); keeping it as a shard", item, describe(exc))
+        return [full_url(fs, path)]
+    if info["type"] == "directory":
+        return [full_url(fs, p) for p in sorted(retrying(fs.find)(path))]
+    return [full_url(fs, path)]
 
 
 def retrying(fn: Callable[..., T], *, attempts: int = 5, base_delay: float = 0.2) -> Callable[..., T]:
@@ -112,7 +127,7 @@ def _put_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         # Same directory, so the rename is atomic: no reader ever sees a half-written file.
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        tmp = posixpath.join(posixpath.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
         with open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
@@ -133,17 +148,99 @@ def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Only "not found" means absent: fsspec's own `exists` reads a throttled or failed request as
+    False, which would skip the stale-output check or redo committed shards."""
     fs, path = url_to_fs(url, storage_options)
-    return retrying(fs.exists)(path)
+    try:
+        retrying(fs.info)(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def list_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Files directly or recursively under `url`; empty when it does not exist."""
     fs, path = url_to_fs(url, storage_options)
     fs.invalidate_cache()
-    if not retrying(fs.exists)(path):
+    if not exists(url, storage_options):
         return []
     return [full_url(fs, p) for p in sorted(retrying(fs.find)(path))]
+
+
+def remove_partial_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Deletes the temporary files a killed writer left under `url`; returns them.
+
+    Only local filesystems have any: an object store never publishes a partial object."""
+    fs, path = url_to_fs(url, storage_options)
+    if not isinstance(fs, LocalFileSystem) or not fs.isdir(path):
+        return []
+    partial = [p for p in fs.find(path) if posixpath.basename(p).startswith(TMP_PREFIX)]
+    remove(partial, storage_options)
+    return partial
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only stream that survives transient faults mid-read (a dropped connection, a 503 on
+    one range request): the failed read reopens the object at the same offset, with backoff,
+    instead of failing the whole shard."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, **open_kwargs: Any) -> None:
+        super().__init__()
+        self.fs, self.path, self.open_kwargs = fs, path, open_kwargs
+        self.pos, self.file = 0, None
+        self.size = retrying(fs.size)(path)
+
+    def _reopen(self) -> Any:
+        if self.file is None:
+            self.file = self.fs.open(self.path, "rb", **self.open_kwargs)
+            self.file.seek(self.pos)
+        return self.file
+
+    def _read(self, size: int) -> bytes:
+        try:
+            file = self._reopen()
+            file.seek(self.pos)
+            return file.read(size)
+        except Exception:
+            self._drop()  # its read-ahead cache may be half-filled: start clean
+            raise
+
+    def _drop(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                pass
+
+    def readinto(self, buffer: Any) -> int:
+        data = retrying(self._read)(len(buffer))
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_retrying(url: str, storage_options: dict[str, Any] | None = None, **open_kwargs: Any) -> RetryingReader:
+    fs, path = url_to_fs(url, storage_options)
+    return RetryingReader(fs, path, **open_kwargs)
 
 
 def remove(urls: list[str], storage_options: dict[str, Any] | None = None) -> None:
@@ -158,5 +255,5 @@ def remove(urls: list[str], storage_options: dict[str, Any] | None = None) -> No
 def remove_tree(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Deletes everything under `url` (a staging prefix); nothing when it does not exist."""
     fs, path = url_to_fs(url, storage_options)
-    if retrying(fs.exists)(path):
+    if exists(url, storage_options):
         retrying(fs.rm)(path, recursive=True)

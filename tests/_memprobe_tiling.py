@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--mode", default="file", choices=["file", "device", "auto", "full"])
     parser.add_argument("--band-mb", type=float, default=2.0)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread: the test runs two probes side by side, and busy CI boxes punish oversubscription.
+    torch.set_num_threads(1)
     vae = tiny_vae()
     encode(vae, torch.zeros(1, 3, 64, 64), args.mode, args.band_mb)  # warm up kernels and thread pools
     pixels = torch.rand(1, 3, args.size, args.size).mul_(2).sub_(1)  # in place: no temporaries

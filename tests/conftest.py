@@ -78,5 +78,5 @@ def s3(s3_server, monkeypatch):
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="lc")
-    yield "lc", {"endpoint_url": s3_server, "key": "testing", "secret": "s3cr3t-SECRET-value"}
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="lcache")  # S3 names need 3+ characters
+    yield "lcache", {"endpoint_url": s3_server, "key": "testing", "secret": "s3cr3t-SECRET-value"}

@@ -196,18 +196,23 @@ def test_bad_arguments() -> None:
         exact_encode_moments(vae, images(1, 32, 32), band_rows=0)
 
 
-def _probe(size: int) -> dict[str, float]:
+def _start_probe(size: int) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(REPO / "tests" / "_memprobe_tiling.py"), "--size", str(size), "--mode", "file"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish_probe(proc: subprocess.Popen[str]) -> dict[str, float]:
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss in KiB")
 def test_peak_memory_does_not_grow_with_image_size() -> None:
-    small, large = _probe(1024), _probe(2048)
+    # Fresh interpreters, so that ru_maxrss (a high-water mark) sees one encode each.
+    small, large = (_finish_probe(p) for p in [_start_probe(1024), _start_probe(2048)])
     # One full-resolution map of the probe model at 2048 px is 8 x 2048^2 float32 = 128 MiB, and
     # the untiled encode peaks ~640 MiB above its baseline; the exact one stays near band size.
-    assert large["delta_mb"] < 64, large
+    assert large["delta_mb"] < 48, large
     assert large["delta_mb"] < 2 * small["delta_mb"] + 16, (small, large)

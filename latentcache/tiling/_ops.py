@@ -55,19 +55,25 @@ def bands(total: int, rows: int) -> Iterator[tuple[int, int]]:
 class Prologue:
     """GroupNorm with global statistics, folded to a per (batch, channel) affine, then the activation."""
 
-    scale: torch.Tensor  # [B, C, 1, 1]
+    scale: torch.Tensor  # [B, C, 1, 1], float32 at least
     shift: torch.Tensor
     act: nn.Module | None
 
     def __call__(self, band: torch.Tensor) -> torch.Tensor:
-        out = torch.addcmul(self.shift, band, self.scale)
+        # Affine in float32 and one rounding to the band dtype, like the native half-precision
+        # GroupNorm kernels; the activation then sees the same input as in diffusers.
+        out = torch.addcmul(self.shift, band, self.scale).to(band.dtype)
         return out if self.act is None else self.act(out)
 
 
 def norm_prologue(ctx: BandContext, norm: nn.GroupNorm, act: nn.Module | None, x: FeatureMap) -> Prologue:
     scale, shift = group_scale_shift(x.stats, norm)
-    as_map = lambda t: t.to(device=ctx.device, dtype=ctx.dtype)[:, :, None, None]  # noqa: E731
-    return Prologue(as_map(scale), as_map(shift), act)
+    return Prologue(_per_channel(ctx, scale), _per_channel(ctx, shift), act)
+
+
+def _per_channel(ctx: BandContext, t: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(ctx.dtype, torch.float32)
+    return t.to(device=ctx.device, dtype=dtype)[:, :, None, None]
 
 
 @dataclass(frozen=True)
