@@ -37,7 +37,7 @@ def measure(size: int, tile: int, overlap: float, seed: int) -> dict:
 
     torch.manual_seed(seed)
     vae = diffusers.AutoencoderKL(**SD_ENCODER).eval()
-    image = np.asarray(natural_image(np.random.default_rng(seed), size, size))
+    image = np.array(natural_image(np.random.default_rng(seed), size, size))  # writable, for torch.from_numpy
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     started = time.perf_counter()
     untiled = vae.encode(x).latent_dist

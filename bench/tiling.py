@@ -86,6 +86,12 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _cpu_seconds() -> float:
+    # Reported next to wall time: on a shared, loaded CPU box it is the steadier of the two.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -105,18 +111,20 @@ def memory_peak(device: str) -> float:
 
 
 def run_case(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     vae = build_vae(args.device)
     setting = configure(vae, args.case, args.tile)
     encode(vae, structured_image(64).to(args.device), args.case, args)  # warm-up
     x = structured_image(args.size).to(args.device)
     _sync(args.device)
     base = memory_mark(args.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     moments = encode(vae, x, args.case, args)
     _sync(args.device)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     peak = memory_peak(args.device)
-    row = {"size": args.size, "method": args.case, "setting": setting, "seconds": seconds}
+    row = {"size": args.size, "method": args.case, "setting": setting, "seconds": seconds, "cpu_seconds": cpu}
     row.update(peak_mb=peak, peak_over_base_mb=peak - base, **compare(moments.float().cpu(), args))
     return row
 
@@ -135,7 +143,8 @@ def compare(moments: torch.Tensor, args: argparse.Namespace) -> dict:
 
 def spawn_case(args: argparse.Namespace, method: str, size: int, ref: Path) -> dict:
     cmd = [sys.executable, __file__, "--case", method, "--size", str(size), "--ref", str(ref)]
-    cmd += ["--device", args.device, "--tile", str(args.tile), "--band-mb", str(args.band_mb), "--store", args.store]
+    cmd += ["--threads", str(args.threads), "--device", args.device, "--tile", str(args.tile)]
+    cmd += ["--band-mb", str(args.band_mb), "--store", args.store]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:  # e.g. out of memory: report it rather than stop the whole table
@@ -150,10 +159,9 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         for size in args.sizes:
             ref = Path(tmp) / f"ref_{size}.pt"
             for method in args.methods:
-                if method == "none" and size > args.max_full_px:
-                    rows.append({"size": size, "method": method, "error": f"skipped (> --max-full-px {args.max_full_px})"})
-                    continue
-                rows.append(spawn_case(args, method, size, ref))
+                skip = method == "none" and size > args.max_full_px
+                note = {"size": size, "method": method, "error": f"skipped (> --max-full-px {args.max_full_px})"}
+                rows.append(note if skip else spawn_case(args, method, size, ref))
                 print(_row_line(rows[-1]), flush=True)
     return rows
 
@@ -164,15 +172,15 @@ def _fmt(value: object, spec: str) -> str:
 
 def _row_line(r: dict) -> str:
     if "error" in r:
-        return f"| {r['size']} | {r['method']} | | | | | | {r['error']} |"
-    cells = [_fmt(r["seconds"], ".1f"), _fmt(r["peak_mb"], ".0f"), _fmt(r["peak_over_base_mb"], ".0f")]
+        return f"| {r['size']} | {r['method']} | | | | | | | {r['error']} |"
+    cells = [_fmt(r["seconds"], ".1f"), _fmt(r["cpu_seconds"], ".1f"), _fmt(r["peak_mb"], ".0f"), _fmt(r["peak_over_base_mb"], ".0f")]
     cells += [_fmt(r["rel_l2"], ".2e"), _fmt(r["max_abs"], ".2e")]
     return f"| {r['size']} | {r['method']} | {' | '.join(cells)} | {r['setting']} |"
 
 
 HEADER = (
-    "| size px | method | wall s | peak MB | peak over base MB | rel. L2 vs none | max abs vs none | setting |\n"
-    "|---:|---|---:|---:|---:|---:|---:|---|"
+    "| size px | method | wall s | CPU s | peak MB | peak over base MB | rel. L2 vs none | max abs vs none | setting |\n"
+    "|---:|---|---:|---:|---:|---:|---:|---:|---|"
 )
 
 
@@ -186,10 +194,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=256, help="diffusers tile_sample_min_size")
     p.add_argument("--band-mb", type=float, default=64.0, help="exact: working memory per band")
     p.add_argument("--store", default="auto", choices=["auto", "device", "host", "file"], help="exact: map store")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
     p.add_argument("--case", choices=METHODS, help=argparse.SUPPRESS)  # internal: run one case
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ref", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+INTERNAL = ("case", "size", "ref")
 
 
 def metadata(args: argparse.Namespace) -> dict:
@@ -203,7 +215,7 @@ def metadata(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "model": {k: list(v) if isinstance(v, tuple) else v for k, v in SD_ENCODER.items()},
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("case", "size", "ref")},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in INTERNAL},
     }
 
 

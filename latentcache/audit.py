@@ -261,7 +261,7 @@ def expected_identity(cfg: AuditConfig, manifest: dict[str, Any], vae: Any, fami
 
     overrides = {"model": cfg.model or manifest["model"], "model_class": cfg.model_class,
                  "model_config": cfg.model_config, "allow_pickle": cfg.allow_pickle}
-    enc = recorded_config(manifest, **overrides, **({"resolution": cfg.resolution} if cfg.resolution else {}))
+    enc = recorded_config(manifest, **overrides, **({"resolution": cfg.resolution} if cfg.resolution is not None else {}))
     ident = identity(enc, weights_sha256(enc.model), family, latent_space_for(vae, enc).to_dict())
     return json.loads(json.dumps(ident))  # tuples -> lists, as the manifest stores them
 
@@ -282,7 +282,7 @@ def model_spec(cfg: AuditConfig, manifest: dict[str, Any], findings: Findings) -
                          allow_pickle=cfg.allow_pickle)
     recorded = manifest.get("model")
     if recorded and (os.path.exists(recorded) or weights_sha256(recorded)):
-        findings.notes.append(f"no --model given: checked and decoded with the model recorded in the manifest, {recorded}")
+        findings.notes.append(f"no --model given: using the model recorded in the manifest, {recorded}")
         return ModelSpec(model=recorded, model_class=cfg.model_class, model_config=cfg.model_config,
                          allow_pickle=cfg.allow_pickle)
     findings.notes.append(f"no --model given and the recorded model {recorded} is not available: "
@@ -370,11 +370,9 @@ DECODERS: dict[str, Callable[[Any, Any], Any]] = {"none": _plain, "diffusers": _
 
 
 class Decoder:
-    """The VAE on one device; raw latent [C, h, w] -> uint8 image [H, W, 3]. Also a Ray actor class."""
+    """The VAE on one device; raw latents [B, C, h, w] -> uint8 images [B, H, W, 3]. Also a Ray actor class."""
 
     def __init__(self, *, model: ModelSpec, tiling: str) -> None:
-        import torch
-
         self.device = model_device()
         vae, self.family = load_vae(model)
         self.vae = vae.to(self.device)  # load_vae gives float32

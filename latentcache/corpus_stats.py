@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import time
@@ -148,11 +149,9 @@ class Partial:
 def partial_of(unit: str, raw: np.ndarray, positions: np.ndarray, *, head: int, sample_size: int, seed: int,
                errors: int = 0) -> Partial:
     """Raw latents [N, C, ...] of one unit (float64) -> its Partial."""
-    from .encode import key_seed
-
     first = np.argsort(positions, kind="stable")[:head]
     head_rows = [(int(positions[i]), Moments.of(raw[i:i + 1])) for i in first]
-    rng = np.random.default_rng(key_seed(seed, f"{unit}\0{int(positions.min())}"))
+    rng = np.random.default_rng(stable_bits(seed, f"{unit}\0{int(positions.min())}"))
     values = np.moveaxis(raw, 1, 0).reshape(raw.shape[1], -1)
     priority = rng.random(values.shape[1])
     sample, priority = lowest(values, priority, sample_size)
@@ -167,11 +166,15 @@ def lowest(values: np.ndarray, priority: np.ndarray, k: int) -> tuple[np.ndarray
     return values[:, keep], priority[keep]
 
 
+def stable_bits(seed: int, text: str) -> int:
+    """64 bits from sha256(seed, text): the same on every machine and Python version. (Not
+    encode.key_seed: that module loads torch, which sampling workers should not pay for.)"""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{text}".encode()).digest()[:8], "little")
+
+
 def row_priority(seed: int, shard: str, key: str) -> float:
     """A stable uniform number in [0, 1) per (seed, shard, key): the row sample's coin."""
-    from .encode import key_seed
-
-    return key_seed(seed, f"{shard}\0{key}") / 2.0**63
+    return (stable_bits(seed, f"{shard}\0{key}") >> 11) / 2.0**53  # 53 bits: exact in a float, never 1.0
 
 
 def row_priorities(table: pa.Table, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from .encode import per_key_noise
 from .latent_space import LatentSpace
 from .reader import Cache, CacheError, CacheFile, LatentBlock
 from .rows import TENSOR_COLUMNS
+
+if TYPE_CHECKING:
+    import ray.data
 
 SPACES: dict[str, Callable[[LatentSpace, np.ndarray], np.ndarray]] = {
     "model": lambda space, z: z,  # as stored: what the diffusion model trains on
@@ -335,7 +338,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 def ray_dataset(cache: Cache | str, *, resample: bool = False, seed: int = 0, epoch: int = 0, space: str = "model",
-                latent_shape: Sequence[int] | None = None, storage_options: dict[str, Any] | None = None):
+                latent_shape: Sequence[int] | None = None, storage_options: dict[str, Any] | None = None) -> "ray.data.Dataset":
     """The cache as a `ray.data.Dataset` of {latent, key, caption, ...}, the same tensors as `LatentDataset`.
 
     Parquet files are read with `read_parquet`; the draw and the space are applied by a

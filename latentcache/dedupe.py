@@ -76,10 +76,11 @@ def find_duplicates(layout: CacheLayout, ordered: list[dict[str, Any]]) -> dict[
     owner: dict[str, str] = {}
     duplicates: dict[str, dict[str, str]] = {}
     for record, shard_hashes in zip(ordered, hashes):
-        if candidates.size == 0 or not np.isin(shard_hashes, candidates).any():
+        hits = np.flatnonzero(np.isin(shard_hashes, candidates))
+        if not hits.size:
             continue
         keys = read_keys(layout, record["name"])
-        for i in np.flatnonzero(np.isin(shard_hashes, candidates)):
+        for i in hits:
             first = owner.setdefault(keys[i], record["name"])
             if first != record["name"]:
                 duplicates.setdefault(record["name"], {})[keys[i]] = first
@@ -149,9 +150,10 @@ def drop_cross_shard_duplicates(layout: CacheLayout, records: dict[str, dict[str
                                 fmt: str, space: dict[str, Any], store_dtype: str) -> dict[str, dict[str, Any]]:
     """Applies the keep-first policy across shards; returns the records, updated where rows were dropped."""
     ordered = in_input_order(records, shards)
+    by_name = {r["name"]: r for r in ordered}
     updated = dict(records)
     for name, duplicates in find_duplicates(layout, ordered).items():
-        record = next(r for r in ordered if r["name"] == name)
+        record = by_name[name]
         if record.get(COUNT_FIELD) == len(duplicates):
             continue  # done by an earlier run
         new = drop_duplicates(layout, record, duplicates, fmt=fmt, space=LatentSpace.from_dict(space), store_dtype=store_dtype)

@@ -194,7 +194,8 @@ def drive(ds: ray.data.Dataset, todo: list[ShardRef], spec: CommitSpec, layout: 
     records.update(collect(pending, ledger, layout, bar, wait=True))
     bar.close()
     for shard in set(names) - set(records) - set(failed):
-        failed[shard] = "shard never completed (rows missing from the pipeline)"
+        status, error = ledger.status.get(shard, (None, None))
+        failed[shard] = error if status == "failed" else "shard never completed (rows missing from the pipeline)"
     return records
 
 
@@ -205,7 +206,12 @@ def collect(pending: dict, ledger: ShardLedger, layout: CacheLayout, bar: tqdm, 
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0) if refs else ([], [])
     for ref in ready:
         shard = pending.pop(ref)
-        record = ray.get(ref)
+        try:
+            record = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # storage still failing after its retries: report the shard, go on
+            ledger.status[shard] = ("failed", f"commit failed: {storage.describe(exc.cause or exc)}")
+            bar.update()
+            continue
         record.update(input=ledger.expected[shard], shard_status=ledger.status[shard][0], shard_error=ledger.status[shard][1])
         layout.write_json(record, "_state", "shards", record["name"] + ".json")
         done[shard] = record

@@ -287,8 +287,9 @@ def test_a_cache_on_s3_is_audited_in_place(clean_cache, s3):
 
     bucket, options = s3
     fs = fsspec.filesystem("s3", **options)
-    fs.put(str(clean_cache), f"{bucket}/cache", recursive=True)
-    fs.rm(f"{bucket}/cache/_audit", recursive=True)
+    for path in clean_cache.rglob("*"):
+        if path.is_file() and "_audit" not in path.parts:
+            fs.pipe_file(f"{bucket}/cache/{path.relative_to(clean_cache).as_posix()}", path.read_bytes())
     url = f"s3://{bucket}/cache"
     assert main(["audit", "--cache", url, "--storage-options", json.dumps(options), "--sample", "2"]) == 0
     summary = json.loads(fs.cat_file(f"{bucket}/cache/_audit/summary.json"))

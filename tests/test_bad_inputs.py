@@ -284,3 +284,14 @@ def test_a_key_first_seen_in_a_later_run_stays_with_the_first_shard(ray_session,
     assert m["shards"]["dup_across_b"]["written"] == 1 and m["shards"]["dup_across_b"]["failed"] == 1
     (err,) = errors(out).to_pylist()
     assert err["key"] == "shared/key" and "dup_across_a" in err["reason"]
+
+
+@pytest.mark.parametrize("relative", ["../../etc/passwd", "/abs/shard", "a/../../b", "..", ".hidden/x", "ü ñ #?*"])
+def test_output_names_from_input_names_stay_inside_the_prefix(relative, tmp_path):
+    import posixpath
+
+    from latentcache.sources import safe_name
+
+    name = safe_name(relative)
+    target = posixpath.normpath(posixpath.join(str(tmp_path), name))
+    assert target.startswith(str(tmp_path) + "/") and ".." not in name.split("/") and not name.startswith("/")

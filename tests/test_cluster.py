@@ -187,7 +187,16 @@ def test_two_nodes_encoders_only_on_the_gpu_node_decoding_on_both(private_dir, k
     assert proc.returncode == 0, stderr[-3000:]
     run = json.loads(stdout.strip().splitlines()[-1])
     assert run["status"] == 0
-    assert run["encoders"] >= 1 and run["encoder_nodes"] == [run["gpu_node"]]
+    assert run["encoders"] == 1 and run["encoder_nodes"] == [run["gpu_node"]]  # one encoder per GPU
     assert run["decode_nodes"] == sorted([run["head_node"], run["gpu_node"]])
     m = manifest(out)
     assert m["complete"] and m["counts"] == {**m["counts"], "input": 16, "written": 16, "failed": 0}
+
+
+def test_placement_on_a_cpu_only_cluster_and_the_num_encoders_override(ray_session):
+    from latentcache.config import EncodeConfig
+    from latentcache.pipeline import plan_placement
+
+    cpu = plan_placement(EncodeConfig(input="x.tar", output="out", model="vae"))
+    assert (cpu.num_encoders, cpu.encoder_gpus) == (1, 0.0)  # no GPU in the session's local Ray
+    assert plan_placement(EncodeConfig(input="x.tar", output="out", model="vae", num_encoders=2)).num_encoders == 2

@@ -6,9 +6,7 @@ latents can then be checked against a direct diffusers encode of the same pixels
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from latentcache.data import (BucketBatchSampler, LatentDataset, LatentMapDatase
                               ray_dataset, row_slices, torch_collate)
 from latentcache.latent_space import LatentSpace
 from latentcache.reader import Cache, CacheError
-from latentcache.samples import natural_image, write_tar
+from latentcache.samples import make_shards, natural_image, write_tar
 
 from .helpers import encode, png_bytes
 
@@ -65,27 +63,17 @@ def caches(ray_session, kl_model, corpus, tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in CACHES}
 
 
-def merge_caches(first: Path, second: Path, out: Path) -> Path:
-    """One cache from two encodes' files, through the manifest a Cache reads (a multi-shape cache)."""
-    shutil.copytree(first, out)
-    manifest = Cache(str(first)).manifest
-    for name, shard in Cache(str(second)).manifest["shards"].items():
-        files = [{**f, "path": "b-" + f["path"]} for f in shard["files"]]
-        for f in shard["files"]:
-            shutil.copy(second / f["path"], out / ("b-" + f["path"]))
-        manifest["shards"]["b-" + name] = {**shard, "files": files}
-    (out / "_manifest.json").write_text(json.dumps(manifest))
-    return out
-
-
 @pytest.fixture(scope="module")
-def two_shapes(caches, kl_model, tmp_path_factory) -> Path:
-    """The scale cache (18 latents of 4x8x8) plus 6 latents of 4x6x6 from 48px images."""
-    root = tmp_path_factory.mktemp("two_shapes")
-    write_corpus(root / "small", shards=1, per_shard=6, side=48, prefix="t", seed=1)
-    assert encode(input=str(root / "small" / "shard-00000.tar"), output=root / "small_cache", model=kl_model,
-                  resolution=48, store_dtype="fp32", store_posterior=True) == 0
-    return merge_caches(caches["scale"], root / "small_cache", root / "merged")
+def two_shapes(ray_session, kl_model, tmp_path_factory) -> Path:
+    """A cache with aspect buckets: landscape, portrait and square images, six of each."""
+    root = tmp_path_factory.mktemp("buckets")
+    make_shards(root / "shards", shards=2, per_shard=9, ext="png", sizes=[(64, 96), (96, 64), (64, 64)])
+    assert encode(input=str(root / "shards" / "shard-{00000..00001}.tar"), output=root / "cache", model=kl_model,
+                  resolution=64, buckets=True, bucket_step=16, store_dtype="fp32", store_posterior=True) == 0
+    return root / "cache"
+
+
+SHAPES = {(4, 6, 10): 6, (4, 10, 6): 6, (4, 8, 8): 6}  # 48x80, 80x48 and 64x64 buckets
 
 
 def loader_keys(dataset, **loader_args) -> list[str]:
@@ -221,36 +209,41 @@ def test_bad_space_is_a_clear_error(caches):
 
 def test_bucket_sampler_batches_are_uniform_and_agree_across_ranks(two_shapes):
     dataset = LatentMapDataset(two_shapes)
-    assert Counter(dataset.shapes) == {(4, 8, 8): 18, (4, 6, 6): 6}
+    assert Counter(dataset.shapes) == SHAPES
     samplers = [BucketBatchSampler(dataset.shapes, batch_size=4, seed=1, epoch=2, rank=r, world_size=2) for r in range(2)]
     order = samplers[0].global_batches()
-    assert order == samplers[1].global_batches() and len(order) == 7  # 18/4 -> 5 batches, 6/4 -> 2
+    assert order == samplers[1].global_batches() and len(order) == 6  # per shape: one of 4, one of 2
     assert order != BucketBatchSampler(dataset.shapes, batch_size=4, seed=1, epoch=3).global_batches()
     seen = []
     for sampler in samplers:
         batches = list(DataLoader(dataset, batch_sampler=sampler))
-        assert len(batches) == 4  # 7 batches padded to 8 so both ranks take the same number of steps
+        assert len(batches) == 3
         for batch in batches:
-            assert batch["latent"].shape[0] <= 4 and batch["latent"].shape[1:] in ((4, 8, 8), (4, 6, 6))
+            assert tuple(batch["latent"].shape[1:]) in SHAPES
+            assert (batch["bucket_height"] == batch["latent"].shape[2] * 8).all()
+            assert (batch["bucket_width"] == batch["latent"].shape[3] * 8).all()
         seen += [k for b in batches for k in b["key"]]
-    assert set(seen) == {dataset[i]["key"] for i in range(len(dataset))}
+    assert sorted(seen) == sorted(dataset[i]["key"] for i in range(len(dataset)))
 
 
-def test_bucket_sampler_drop_last_keeps_full_batches_once(two_shapes):
+def test_bucket_sampler_pads_or_drops_so_ranks_take_equal_steps(two_shapes):
     shapes = LatentMapDataset(two_shapes).shapes
-    batches = [b for r in range(2) for b in BucketBatchSampler(shapes, batch_size=4, drop_last=True, rank=r, world_size=2)]
-    # 4 full batches of 4x8x8 and 1 of 4x6x6, cut to 4 so that both ranks take the same number of steps
-    assert len(batches) == 4 and all(len(b) == 4 and len({shapes[i] for i in b}) == 1 for b in batches)
-    assert len({i for b in batches for i in b}) == 16
+    dropped = [b for r in range(2) for b in BucketBatchSampler(shapes, batch_size=4, drop_last=True, rank=r, world_size=2)]
+    # one full batch per shape, cut to 2 so that both ranks take one step
+    assert len(dropped) == 2 and all(len(b) == 4 and len({shapes[i] for i in b}) == 1 for b in dropped)
+    assert len({i for b in dropped for i in b}) == 8
+    padded = [list(BucketBatchSampler(shapes, batch_size=4, rank=r, world_size=4)) for r in range(4)]
+    assert [len(p) for p in padded] == [2, 2, 2, 2]  # 6 batches padded to 8
+    assert {i for p in padded for b in p for i in b} == set(range(18))
 
 
 def test_streaming_batches_have_one_shape_and_every_key_once(two_shapes):
     keys = []
     for rank in range(2):
         for batch in DataLoader(LatentDataset(two_shapes, batch_size=4, rank=rank, world_size=2), batch_size=None, num_workers=2):
-            assert batch["latent"].shape[1:] in ((4, 8, 8), (4, 6, 6))
+            assert tuple(batch["latent"].shape[1:]) in SHAPES
             keys += batch["key"]
-    assert len(keys) == len(set(keys)) == 24
+    assert len(keys) == len(set(keys)) == 18
 
 
 def test_local_dir_copy_reads_the_same_as_memory(two_shapes, tmp_path):
@@ -278,7 +271,7 @@ def ray_rows(ds) -> dict[str, torch.Tensor]:
 def test_ray_path_yields_the_torch_path_tensors(ray_session, caches, two_shapes, name):
     cache = Cache(str(two_shapes if name == "two_shapes" else caches[name]))
     args = dict(resample=cache.has_posterior, epoch=2, seed=9, space="raw")
-    shape = (4, 6, 6) if name == "two_shapes" else None
+    shape = (4, 6, 10) if name == "two_shapes" else None
     if shape:  # one latent shape per Ray dataset
         with pytest.raises(CacheError, match="latent_shape="):
             ray_dataset(cache, **args)

@@ -182,8 +182,8 @@ def _attention(attn: object, path: str) -> AttentionStep:
         raise _unsupported(path, "attention with unequal q/k/v widths or a head count that does not divide them")
     # AttnProcessor2_0 leaves SDPA at its default 1/sqrt(head_dim); AttnProcessor uses attn.scale.
     scale = None if processor is AttnProcessor2_0 else float(attn.scale)
-    spec = AttnSpec(norm, q, k, v, out, attn.heads, scale, bool(attn.residual_connection), float(attn.rescale_output_factor))
-    return AttentionStep(spec)
+    residual, rescale = bool(attn.residual_connection), float(attn.rescale_output_factor)
+    return AttentionStep(AttnSpec(norm, q, k, v, out, attn.heads, scale, residual, rescale))
 
 
 def _mid_block(mid: object, path: str) -> list[Step]:
