@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("none", "diffusers", "exact")
+# exact: maps in memory while they fit (--store, default auto); exact-file: always the temp-file
+# store, the bounded-memory mode used for images that do not fit.
+METHODS = ("none", "diffusers", "exact", "exact-file")
 SD_ENCODER = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
@@ -66,19 +68,23 @@ def _box(xs: torch.Tensor, ys: torch.Tensor, cx: float, cy: float, r: float) -> 
 def encode(vae, x: torch.Tensor, method: str, args: argparse.Namespace) -> torch.Tensor:  # noqa: ANN001
     from latentcache.tiling import exact_encode_moments
 
-    if method == "exact":
-        return exact_encode_moments(vae, x, band_mb=args.band_mb, store=args.store)
+    if method.startswith("exact"):
+        return exact_encode_moments(vae, x, band_mb=args.band_mb, store=_store(method, args))
     with torch.no_grad():
         return vae.encode(x).latent_dist.parameters
 
 
-def configure(vae, method: str, tile: int) -> str:  # noqa: ANN001
+def _store(method: str, args: argparse.Namespace) -> str:
+    return "file" if method == "exact-file" else args.store
+
+
+def configure(vae, method: str, args: argparse.Namespace) -> str:  # noqa: ANN001
     if method == "diffusers":
         vae.enable_tiling()
         # diffusers only tiles inputs larger than tile_sample_min_size (default: sample_size).
-        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
-        return f"tile {tile}px, overlap {vae.tile_overlap_factor}"
-    return "" if method == "none" else "bands"
+        vae.tile_sample_min_size, vae.tile_latent_min_size = args.tile, args.tile // 8
+        return f"tile {args.tile}px, overlap {vae.tile_overlap_factor}"
+    return "" if method == "none" else f"bands of {args.band_mb:g} MB, store {_store(method, args)}"
 
 
 def _rss_mb() -> float:
@@ -114,7 +120,7 @@ def run_case(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     vae = build_vae(args.device)
-    setting = configure(vae, args.case, args.tile)
+    setting = configure(vae, args.case, args)
     encode(vae, structured_image(64).to(args.device), args.case, args)  # warm-up
     x = structured_image(args.size).to(args.device)
     _sync(args.device)

@@ -22,7 +22,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -308,25 +308,19 @@ def source_preprocessing(enc: EncodeConfig) -> tuple[PreprocessSpec, BucketPlann
             BucketPlanner.from_config(enc))
 
 
-def iter_input(shards: list[ShardRef], options: SourceOptions) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """(key, image bytes, read error) of every input sample; a failed shard becomes a finding upstream."""
-    for shard in shards:
-        for sample in SAMPLE_READERS[shard.format](shard, options):
-            yield sample.key, sample.image, sample.error
-
-
 def read_inputs(shards: list[ShardRef], options: SourceOptions, wanted: set[str],
                 findings: Findings) -> tuple[list[str], dict[str, bytes | None]]:
-    """Every input key, and the image bytes of the wanted ones (one streaming pass)."""
+    """Every input key, and the image bytes of the wanted ones (one streaming pass per shard)."""
     keys: list[str] = []
     images: dict[str, bytes | None] = {}
-    try:
-        for key, image, _ in iter_input(shards, options):
-            keys.append(key)
-            if key in wanted:
-                images[key] = image
-    except Exception as exc:  # noqa: BLE001 - a damaged input shard: keys read so far still count
-        findings.notes.append(f"input could not be read completely: {storage.describe(exc)}")
+    for shard in shards:
+        try:
+            for sample in SAMPLE_READERS[shard.format](shard, options):
+                keys.append(sample.key)
+                if sample.key in wanted:
+                    images[sample.key] = sample.image
+        except Exception as exc:  # noqa: BLE001 - a damaged shard: the keys read so far still count
+            findings.notes.append(f"{shard.url}: input could not be read completely ({storage.describe(exc)})")
     return keys, images
 
 

@@ -289,8 +289,8 @@ def test_sdxl_time_ids_as_docs_build_them(bucket_cache):
         block = cache.read(file)
         m = {k: torch.tensor(v) for k, v in block.meta.items() if k not in ("key", "shard", "caption")}
         flip = torch.arange(len(block.keys)) % 2 == 1
-        latents = torch.where(flip[:, None, None, None], torch.from_numpy(block.tensors["latent_flipped"]),
-                              torch.from_numpy(block.tensors["latent"]))
+        latents = torch.where(flip[:, None, None, None], torch.tensor(block.tensors["latent_flipped"]),
+                              torch.tensor(block.tensors["latent"]))
         crop_left = torch.where(flip, m["crop_left_flipped"], m["crop_left"])
         time_ids = torch.stack([m["original_height"], m["original_width"], m["crop_top"], crop_left,
                                 m["bucket_height"], m["bucket_width"]], dim=1).float()
@@ -323,11 +323,12 @@ def test_reruns_and_batch_sizes_agree_and_nested_layout_loads_per_bucket(bucket_
         for name in ("crop_top", "crop_left", "bucket_height", "bucket_width", "file"):
             assert first[key][name] == second[key][name]
         np.testing.assert_allclose(first[key]["latent"], second[key]["latent"], atol=1e-5, rtol=0)
-    # Hugging Face datasets: one split per bucket (as docs/buckets.md shows), each of one shape
+    # Hugging Face datasets: one dataset per bucket (as docs/buckets.md shows), each of one shape
     by_bucket: dict[str, list[str]] = {}
     for path in sorted(out.glob("shard-*.parquet")):
         by_bucket.setdefault(path.stem.rsplit("_", 1)[1], []).append(str(path))
-    splits = datasets.load_dataset("parquet", data_files=by_bucket).with_format("torch")
+    splits = {bucket: datasets.load_dataset("parquet", data_files=paths, split="train").with_format("torch")
+              for bucket, paths in by_bucket.items()}
     assert sorted(splits) == sorted(f"{h}x{w}" for h, w in set(EXPECTED.values()))
     assert sum(len(split) for split in splits.values()) == len(second)
     for bucket, split in splits.items():
