@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._stats import group_scale_shift
-from ._store import FeatureMap, MapShape, TensorRowStore, allocate_store
+from ._store import DenseStore, FeatureMap, MapShape, allocate_store
 
 # Rewrites a conv's output band [B, C, o1 - o0, W] (residual add, rescale) before it is stored.
 Epilogue = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -36,14 +36,13 @@ class BandContext:
     def new_map(self, shape: MapShape, final: bool = False) -> FeatureMap:
         if final:  # the result is handed back as an ordinary [B, C, H, W] device tensor
             dense = torch.empty(shape, dtype=self.dtype, device=self.device)
-            rows = dense.permute(2, 0, 1, 3)
-            return FeatureMap(TensorRowStore(rows, self.device), shape, track_stats=False, dense=dense)
+            return FeatureMap(DenseStore(dense, self.device), shape, track_stats=False, dense=dense)
         store = allocate_store(shape, self.dtype, self.device, self.store)
         return FeatureMap(store, shape, track_stats=True)
 
     def wrap_input(self, x: torch.Tensor) -> FeatureMap:
         shape = MapShape(*x.shape)
-        return FeatureMap(TensorRowStore(x.permute(2, 0, 1, 3), self.device), shape, track_stats=False)
+        return FeatureMap(DenseStore(x, self.device), shape, track_stats=False)
 
 
 def bands(total: int, rows: int) -> Iterator[tuple[int, int]]:
@@ -154,7 +153,9 @@ def _conv_band(
     x = _read_virtual(src, spec.upsample, lo, hi, prologue)
     # Zeros go on the *activated* input, only where the band meets the true border, exactly
     # like the conv's own padding (and Downsample2D's F.pad) on the whole map.
-    x = F.pad(x, (0, spec.pad_after, lo - a, b - hi))
+    pads = (0, spec.pad_after, lo - a, b - hi)
+    if any(pads):  # interior bands need none, and F.pad would still copy
+        x = F.pad(x, pads)
     c = spec.conv
     return F.conv2d(x, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
 
@@ -178,7 +179,8 @@ def residual_epilogue(skip_src: FeatureMap, shortcut: nn.Conv2d | None, output_s
         skip = skip_src.read(o0, o1)
         if shortcut is not None:
             skip = shortcut(skip)  # 1x1, stride 1: pointwise, so it runs on the band as is
-        return (skip + band) / output_scale
+        out = skip + band
+        return out if output_scale == 1.0 else out / output_scale  # x / 1.0 == x: save a pass
 
     return apply
 
@@ -256,4 +258,4 @@ def _attend_band(
     out = out.transpose(1, 2).reshape(b, c, h, w)
     if spec.residual:
         out = out + residual
-    return out / spec.rescale
+    return out if spec.rescale == 1.0 else out / spec.rescale

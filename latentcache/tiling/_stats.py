@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 
-def _stats_dtype(device: torch.device) -> torch.dtype:
-    # float64 keeps the merged moments exact enough for multi-megapixel maps; MPS has no float64.
+def _merge_dtype(device: torch.device) -> torch.dtype:
+    # float64 keeps the running moments exact over multi-megapixel maps; MPS has no float64.
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -23,9 +23,12 @@ class RunningStats:
         n = band.shape[2] * band.shape[3]
         if n == 0:
             return
-        x = band.detach().to(_stats_dtype(band.device))
+        # One band's moments are accurate in float32 (var_mean is a stable reduction, and a band
+        # is small); only the merge across bands, where counts grow large, needs float64.
+        x = band.detach() if band.dtype == torch.float64 else band.detach().float()
         var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
-        self._merge(n, mean, var * n)
+        dtype = _merge_dtype(band.device)
+        self._merge(n, mean.to(dtype), var.to(dtype) * n)
 
     def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if self.mean is None or self.m2 is None:

@@ -1,7 +1,7 @@
 """Where whole feature maps live between banded ops: device memory, pinned host memory or a temp file.
 
-Every store keeps rows outermost ([H, B, C, W]) so that a band of rows is one contiguous slab:
-one copy to the device, or one read from the file.
+Device maps are plain [B, C, H, W] tensors. Host and file maps keep rows outermost ([H, B, C, W])
+so that a band of rows is one contiguous slab: one host-to-device copy, or one file read.
 """
 
 from __future__ import annotations
@@ -50,8 +50,27 @@ class RowStore:
         """Free the storage now rather than when the garbage collector gets to it."""
 
 
-class TensorRowStore(RowStore):
-    """A [H, B, C, W] tensor on the device or in (pinned) host memory."""
+class DenseStore(RowStore):
+    """A [B, C, H, W] tensor on the compute device (or in CPU memory when computing on the CPU)."""
+
+    def __init__(self, dense: torch.Tensor, device: torch.device) -> None:
+        self._dense: torch.Tensor | None = dense
+        self._device = device
+
+    def read(self, r0: int, r1: int) -> torch.Tensor:
+        assert self._dense is not None, "store already closed"
+        return self._dense[:, :, r0:r1].to(self._device)
+
+    def write(self, r0: int, band: torch.Tensor) -> None:
+        assert self._dense is not None, "store already closed"
+        self._dense[:, :, r0 : r0 + band.shape[2]].copy_(band)
+
+    def close(self) -> None:
+        self._dense = None
+
+
+class HostRowStore(RowStore):
+    """A pinned [H, B, C, W] host tensor feeding a CUDA device."""
 
     def __init__(self, rows: torch.Tensor, device: torch.device) -> None:
         self._rows: torch.Tensor | None = rows
@@ -59,6 +78,7 @@ class TensorRowStore(RowStore):
 
     def read(self, r0: int, r1: int) -> torch.Tensor:
         assert self._rows is not None, "store already closed"
+        # Stream-ordered: the kernels that consume the band run after the copy lands.
         return self._rows[r0:r1].to(self._device, non_blocking=True).permute(1, 2, 0, 3)
 
     def write(self, r0: int, band: torch.Tensor) -> None:
@@ -123,18 +143,20 @@ def allocate_store(shape: MapShape, dtype: torch.dtype, device: torch.device, mo
     if chosen == "file":
         return FileRowStore(shape, dtype, device)
     try:
-        return TensorRowStore(_empty_rows(shape, dtype, device, chosen), device)
+        return _memory_store(shape, dtype, device, chosen)
     except (RuntimeError, MemoryError):
         if mode != "auto":
             raise
         return FileRowStore(shape, dtype, device)  # the estimate was optimistic: disk always works
 
 
-def _empty_rows(shape: MapShape, dtype: torch.dtype, device: torch.device, mode: str) -> torch.Tensor:
-    rows = (shape.height, shape.batch, shape.channels, shape.width)
+def _memory_store(shape: MapShape, dtype: torch.dtype, device: torch.device, mode: str) -> RowStore:
     if mode == "host" and device.type == "cuda":
-        return torch.empty(rows, dtype=dtype, pin_memory=True)
-    return torch.empty(rows, dtype=dtype, device=device if mode == "device" else "cpu")
+        rows = torch.empty((shape.height, shape.batch, shape.channels, shape.width), dtype=dtype, pin_memory=True)
+        return HostRowStore(rows, device)
+    # On a CPU (or MPS) device "host" is plain CPU memory.
+    where = device if mode == "device" else torch.device("cpu")
+    return DenseStore(torch.empty(shape, dtype=dtype, device=where), device)
 
 
 def _auto_mode(nbytes: int, device: torch.device) -> str:
