@@ -154,8 +154,9 @@ def _conv_band(
     # Zeros go on the *activated* input, only where the band meets the true border, exactly
     # like the conv's own padding (and Downsample2D's F.pad) on the whole map.
     pads = (0, spec.pad_after, lo - a, b - hi)
-    if any(pads):  # interior bands need none, and F.pad would still copy
-        x = F.pad(x, pads)
+    # Interior bands need no padding (F.pad would still copy), but CPU convs are several times
+    # slower on a strided row slice than on a contiguous band.
+    x = F.pad(x, pads) if any(pads) else x.contiguous()
     c = spec.conv
     return F.conv2d(x, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
 
@@ -177,8 +178,8 @@ def residual_epilogue(skip_src: FeatureMap, shortcut: nn.Conv2d | None, output_s
 
     def apply(band: torch.Tensor, o0: int, o1: int) -> torch.Tensor:
         skip = skip_src.read(o0, o1)
-        if shortcut is not None:
-            skip = shortcut(skip)  # 1x1, stride 1: pointwise, so it runs on the band as is
+        if shortcut is not None:  # 1x1, stride 1: pointwise, so it runs on the band as is
+            skip = shortcut(skip.contiguous())  # row slices are strided; CPU convs crawl on those
         out = skip + band
         return out if output_scale == 1.0 else out / output_scale  # x / 1.0 == x: save a pass
 
