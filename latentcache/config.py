@@ -71,7 +71,11 @@ class EncodeConfig:
     store_dtype: str = opt("fp16", "Dtype of stored latents (bf16 only with --format safetensors).", choices=DTYPES)
     batch_size: int = opt(16, "Images per encoder batch.")
     slicing: bool = opt(False, "Encode one image at a time inside a batch (diffusers enable_slicing).")
-    tiling: str = opt("none", "Tiled encoding for large images.", choices=("none", "diffusers", "exact"))
+    tiling: str = opt("auto", "Tiled encoding: exact (band by band, equal to the full encode at bounded memory), "
+                      "diffusers (approximate), none; auto = exact above --tile-threshold pixels.",
+                      choices=("auto", "exact", "diffusers", "none"))
+    tile_threshold: int = opt(1 << 20, "With --tiling auto, images with more pixels than this are encoded exactly in bands.")
+    band_mb: float = opt(64.0, "Exact tiling: working memory of one band, in MB.")
     tile_size: int = opt(512, "Tile size in pixels for --tiling diffusers.")
     tile_overlap: float = opt(0.25, "Tile overlap fraction for --tiling diffusers.")
     channels_last: bool = opt(False, "Run the encoder in channels_last memory format (faster convs on many GPUs/CPUs).")

@@ -12,11 +12,12 @@ import copy
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .latent_space import LatentSpace
 from .models import (TORCH_DTYPES, Encoded, ModelSpec, compute_dtype, enable_tiling, latent_space_for, load_vae,
@@ -24,6 +25,7 @@ from .models import (TORCH_DTYPES, Encoded, ModelSpec, compute_dtype, enable_til
 from .preprocess import pixels_of, to_model_input
 from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, carry, good_mask
 from .sinks import NONFINITE_REASON
+from .tiling import exact_encode_moments, exact_tiling_support
 
 log = logging.getLogger(__name__)
 FLIP_SUFFIX = "#flip"  # the flipped crop's noise key: differs from the key's, and is just as stable
@@ -40,7 +42,9 @@ class EncodeSpec:
     vq_output: str = "latent"
     flip: str = "none"
     slicing: bool = False
-    tiling: str = "none"
+    tiling: str = "auto"
+    tile_threshold: int = 1 << 20
+    band_mb: float = 64.0
     tile_size: int = 512
     tile_overlap: float = 0.25
     channels_last: bool = False
@@ -91,6 +95,26 @@ class LatentEncoder:
         self.compute_dtype = self._compute_dtype(vae)
         self.vae = self._prepare(vae).to(self.device, self.compute_dtype)
         self._fp32_vae: Any = None if self.compute_dtype == torch.float32 else vae
+        self.exact = self._exact_tiling_available(vae)
+
+    def _exact_tiling_available(self, vae: Any) -> bool:
+        if self.spec.tiling not in ("auto", "exact") or self.family.name != "kl":
+            return False
+        supported, reason = exact_tiling_support(vae, "encoder")
+        if not supported:
+            log.warning("exact tiling falls back to the normal encode path: %s", reason)
+        return supported
+
+    def _encode_fn(self, x: torch.Tensor) -> Callable[[Any, torch.Tensor], Encoded]:
+        """Exact band-by-band encoding when asked, or (auto) when the image is over the threshold."""
+        large = x.shape[-2] * x.shape[-1] > self.spec.tile_threshold
+        if self.exact and (self.spec.tiling == "exact" or large):
+            return self._encode_exact
+        return self.family.encode
+
+    def _encode_exact(self, vae: Any, x: torch.Tensor) -> Encoded:
+        dist = DiagonalGaussianDistribution(exact_encode_moments(vae, x, band_mb=self.spec.band_mb))
+        return Encoded(mean=dist.mean, std=dist.std)
 
     def _compute_dtype(self, vae: Any) -> torch.dtype:
         dtype = compute_dtype(vae.config, self.spec.dtype, self.spec.no_upcast)
@@ -117,7 +141,8 @@ class LatentEncoder:
         if self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         chunks = x.split(1) if self.spec.slicing else (x,)
-        parts = [self.family.encode(vae, chunk) for chunk in chunks]
+        encode = self._encode_fn(x)
+        parts = [encode(vae, chunk) for chunk in chunks]
         return Encoded(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]).float()
                          for f in ("mean", "std", "codes")))
 

@@ -180,9 +180,7 @@ def check_options(family: Family, cfg: Any) -> None:
         (cfg.store_posterior and not family.stochastic, "--store-posterior needs a model with a posterior"),
         (cfg.vq_output != "latent" and family.name != "vq", f"--vq-output {cfg.vq_output} needs a VQModel"),
         (cfg.tiling == "diffusers" and not family.tiles, "--tiling diffusers needs a model diffusers can tile"),
-        # latentcache.tiling (exact band-by-band encoding) is not wired into the encoder yet: refuse
-        # rather than silently encode untiled.
-        (cfg.tiling == "exact", "--tiling exact is not available in the encoder yet (use --tiling diffusers)"),
+        (cfg.tiling == "exact" and family.name != "kl", "--tiling exact needs an AutoencoderKL"),
     )
     for broken, message in rules:
         if broken:

@@ -219,10 +219,21 @@ def collect(pending: dict, ledger: ShardLedger, layout: CacheLayout, bar: tqdm, 
     return done
 
 
+def cluster_started_here() -> bool:
+    """Whether `ray start` left a cluster address on this machine (ray.init() would join it)."""
+    from ray._private.services import find_bootstrap_address
+
+    return find_bootstrap_address(None) is not None
+
+
 def ensure_ray() -> None:
     """Joins the cluster this runs in (ray job submit, RAY_ADDRESS) or starts a local one."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, logging_level=logging.WARNING)
+        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+        if os.environ.get("RAY_ADDRESS") or cluster_started_here():
+            ray.init(**quiet)  # what ray.init() joins by itself: RAY_ADDRESS, or the cluster `ray start` made
+        else:
+            ray.init(include_dashboard=False, **quiet)  # a local one, without the dashboard's processes
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -473,7 +473,7 @@ def test_options_a_family_cannot_honour_are_errors(model_dir, png_shard, tmp_pat
              ("tiny", {"posterior": "sample"}, "--posterior sample needs a model with a posterior"),
              ("kl-4ch", {"vq_output": "codes"}, "--vq-output codes needs a VQModel"),
              ("vq", {"tiling": "diffusers", "tile_size": 32}, "--tiling diffusers needs a model diffusers can tile"),
-             ("kl-4ch", {"tiling": "exact"}, "--tiling exact is not available in the encoder yet")]
+             ("tiny", {"tiling": "exact"}, "--tiling exact needs an AutoencoderKL")]
     for family, flags, message in cases:
         assert encode(input=png_shard, output=tmp_path / family, model=model_dir(family, "scale"), resolution=SIZE,
                       **flags) == 2

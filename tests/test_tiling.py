@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,16 @@ from latentcache.tiling import UnsupportedModelError, exact_decode, exact_encode
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    # These models are tiny: the many small band convs gain nothing from a second thread, and on
+    # a busy CI box OpenMP threads waiting on each other made this file ~8x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def make_vae(
@@ -230,3 +241,26 @@ def test_bfloat16_is_as_close_to_float32_as_the_untiled_bf16_encode() -> None:
     exact16 = exact_encode_moments(vae, x.bfloat16(), band_rows=3)
     assert exact16.dtype == torch.bfloat16
     assert rel_l2(exact16.float(), ref32) <= 1.5 * rel_l2(full16, ref32) + 1e-3
+
+
+# ---- wired into `latentcache encode` ----------------------------------------------------------
+
+
+def test_encode_cli_exact_tiling_equals_untiled(ray_session, kl_model, tmp_path) -> None:
+    """--tiling exact, and auto above --tile-threshold, store what the untiled encoder stores."""
+    import numpy as np
+
+    from latentcache.samples import make_shards
+
+    from .helpers import encode, latents, read_cache
+
+    shard = make_shards(tmp_path / "in", shards=1, per_shard=3, size=(128, 160), ext="png")[0]
+    stored = {}
+    for mode, extra in (("none", {}), ("exact", {}), ("auto", {"tile_threshold": 64 * 64})):
+        out = tmp_path / mode
+        assert encode(input=shard, output=out, model=kl_model, resolution=128, store_dtype="fp32",
+                      tiling=mode, band_mb=0.05, **extra) == 0
+        stored[mode] = latents(read_cache(out))
+    for mode in ("exact", "auto"):
+        assert rel_l2(torch.from_numpy(stored[mode]), torch.from_numpy(stored["none"])) <= 1e-5
+    assert np.isfinite(stored["exact"]).all()

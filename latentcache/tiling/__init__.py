@@ -6,6 +6,11 @@ in device memory, pinned host memory or a temp file; GroupNorm uses statistics g
 whole map, and the mid-block attention attends over all tokens. The result equals
 `vae.quant_conv(vae.encoder(x))` / `vae.decode(z).sample` up to float rounding, at a memory
 footprint set by the band size (plus the attention K/V at 1/8 resolution).
+
+Memory: with store="file" a run holds one or two bands (band_mb each, roughly), the mid-block
+K and V for every token (2 x tokens x channels, on the device) and the output. With "auto" a map
+stays in device memory when it takes under half of what is free, else pinned host memory (CUDA),
+else an unlinked temp file (TMPDIR). Inference only: runs under torch.no_grad().
 """
 
 from __future__ import annotations
