@@ -280,7 +280,7 @@ def test_latents_equal_direct_diffusers_encoding_of_the_same_crop(bucket_cache, 
 
 
 def test_sdxl_time_ids_as_docs_build_them(bucket_cache):
-    """The trainer recipe of docs/buckets.md: one file = one bucket = one batch shape."""
+    """The trainer recipe of the README: one file = one bucket = one batch shape."""
     from latentcache.reader import Cache
 
     cache = Cache(str(bucket_cache))
@@ -323,7 +323,7 @@ def test_reruns_and_batch_sizes_agree_and_nested_layout_loads_per_bucket(bucket_
         for name in ("crop_top", "crop_left", "bucket_height", "bucket_width", "file"):
             assert first[key][name] == second[key][name]
         np.testing.assert_allclose(first[key]["latent"], second[key]["latent"], atol=1e-5, rtol=0)
-    # Hugging Face datasets: one dataset per bucket (as docs/buckets.md shows), each of one shape
+    # Hugging Face datasets: one dataset per bucket (as the README shows), each of one shape
     by_bucket: dict[str, list[str]] = {}
     for path in sorted(out.glob("shard-*.parquet")):
         by_bucket.setdefault(path.stem.rsplit("_", 1)[1], []).append(str(path))

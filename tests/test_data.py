@@ -302,13 +302,13 @@ def test_s3_cache_streams_like_the_local_one(ray_session, caches, s3):
 
 
 def training_snippet() -> str:
-    """The README's snippet once the lead has merged it, docs/training.md's until then."""
-    for doc in (ROOT / "README.md", ROOT / "docs" / "training.md"):
+    """The README's training-loop snippet."""
+    for doc in (ROOT / "README.md",):
         blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
         found = [b for b in blocks if "LatentDataset(" in b and "for batch in" in b]
         if found:
             return found[0]
-    raise AssertionError("no training-loop snippet in README.md or docs/training.md")
+    raise AssertionError("no training-loop snippet in README.md")
 
 
 def test_training_snippet_runs_against_the_demo_cache(ray_session, tmp_path, monkeypatch, capsys):
