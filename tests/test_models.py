@@ -24,7 +24,7 @@ from latentcache.models import ModelError, ModelSpec, load_vae
 from latentcache.reader import Cache
 from latentcache.samples import make_vae, natural_image, write_tar
 
-from .helpers import encode, errors, latents, manifest, png_bytes, read_cache
+from .helpers import encode, errors, manifest, png_bytes
 
 FAMILIES = {  # name -> (make_vae kind, overrides)
     "kl-4ch": ("kl", {}),

@@ -86,7 +86,7 @@ class EncodeProcess:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         deadline = time.time() + 20
-        while (left := self.session()) and time.time() < deadline:
+        while self.session() and time.time() < deadline:
             time.sleep(0.5)  # Ray's own processes notice the dead driver and exit
         for pid in self.session():
             os.kill(pid, signal.SIGKILL)
