@@ -34,7 +34,9 @@ from .sources import ShardRef, SourceOptions, plan_shards, preflight, read_shard
 log = logging.getLogger(__name__)
 
 # glibc returns big freed buffers to the OS after every batch on Ray's worker threads, which
-# doubles page faults in the encoder; keeping them mapped made CPU encoding markedly faster.
+# doubles page faults in the encoder. These keep buffers up to glibc's 32 MB mmap cap in the heap;
+# on the tiny workload they changed nothing measurable (bench note), and larger activation buffers
+# are always mmapped by glibc, so a different allocator (jemalloc/tcmalloc) is the next step.
 ENCODER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
                "MALLOC_TOP_PAD_": str(256 << 20)}
 
