@@ -12,7 +12,6 @@ generator seeded by (seed, key) only, so reruns, batch sizes and worker counts a
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +19,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .config import ConfigError
+from .errors import UserError
 from .preprocess import PreprocessSpec, preprocess_batch
+from .seeding import crop_rng
 
 Bucket = tuple[int, int]  # (height, width) in pixels
 VAE_MULTIPLE = 8  # every diffusers VAE downsamples by a multiple of 8
@@ -30,11 +30,16 @@ VAE_MULTIPLE = 8  # every diffusers VAE downsamples by a multiple of 8
 SIDE_MULTIPLE = 16
 
 
+class BucketError(UserError, ValueError):
+    """A bucket setting is wrong; the message names the flag. (Its own class, not config.ConfigError:
+    config validates buckets through this module, so this module must not import config.)"""
+
+
 def parse_area(text: str) -> Bucket:
     """'1024x1024' -> (1024, 1024)."""
     parts = str(text).lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ConfigError(f"--bucket-area must look like 1024x1024 (HxW, positive integers), got {text!r}")
+        raise BucketError(f"--bucket-area must look like 1024x1024 (HxW, positive integers), got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
@@ -79,12 +84,6 @@ def same_ratio_fit(bucket: Bucket, height: int, width: int) -> Bucket:
         return bucket
     k = max(1, min(most, height // unit_h, width // unit_w))
     return k * unit_h, k * unit_w
-
-
-def crop_rng(seed: int, key: str) -> np.random.Generator:
-    """A generator per (seed, key); the tag keeps it apart from the posterior noise of the same key."""
-    digest = hashlib.sha256(f"crop\0{seed}\0{key}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,10 +133,10 @@ def bucket_set(cfg: Any) -> list[Bucket]:
 def validate_bucket_config(cfg: Any) -> None:
     """Clear one-line errors for every bucket setting; called from config.validate_encode."""
     if cfg.bucket_step <= 0 or cfg.bucket_step % VAE_MULTIPLE:
-        raise ConfigError(f"--bucket-step must be a positive multiple of {VAE_MULTIPLE}, got {cfg.bucket_step}")
+        raise BucketError(f"--bucket-step must be a positive multiple of {VAE_MULTIPLE}, got {cfg.bucket_step}")
     given = [n for n in ("bucket_area", "bucket_min", "bucket_max") if getattr(cfg, n) is not None]
     if given and cfg.buckets is not True:
-        raise ConfigError(f"--{given[0].replace('_', '-')} needs --buckets (a generated bucket set)")
+        raise BucketError(f"--{given[0].replace('_', '-')} needs --buckets (a generated bucket set)")
     if isinstance(cfg.buckets, list):
         check_bucket_list(cfg.buckets)
     elif cfg.buckets:
@@ -146,11 +145,11 @@ def validate_bucket_config(cfg: Any) -> None:
 
 def check_bucket_list(buckets: list) -> None:
     if not buckets:
-        raise ConfigError("buckets: the list is empty; give [[h, w], ...] or true")
+        raise BucketError("buckets: the list is empty; give [[h, w], ...] or true")
     for item in buckets:
         ok = isinstance(item, list) and len(item) == 2 and all(type(v) is int and v > 0 for v in item)
         if not ok or any(v % VAE_MULTIPLE for v in item):
-            raise ConfigError(f"buckets: each entry must be [height, width], positive multiples of {VAE_MULTIPLE}; got {item!r}")
+            raise BucketError(f"buckets: each entry must be [height, width], positive multiples of {VAE_MULTIPLE}; got {item!r}")
 
 
 def check_generated(cfg: Any) -> None:
@@ -158,11 +157,11 @@ def check_generated(cfg: Any) -> None:
     low, high = side_range(cfg, h * w)
     for name, value in (("bucket_min", low), ("bucket_max", high)):
         if value <= 0 or value % cfg.bucket_step:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive multiple of --bucket-step {cfg.bucket_step}, got {value}")
+            raise BucketError(f"--{name.replace('_', '-')} must be a positive multiple of --bucket-step {cfg.bucket_step}, got {value}")
     if low > high:
-        raise ConfigError(f"--bucket-min {low} is larger than --bucket-max {high}")
+        raise BucketError(f"--bucket-min {low} is larger than --bucket-max {high}")
     if not bucket_set(cfg):
-        raise ConfigError(f"no bucket of area {h}x{w} has both sides within [{low}, {high}]; widen --bucket-min/--bucket-max")
+        raise BucketError(f"no bucket of area {h}x{w} has both sides within [{low}, {high}]; widen --bucket-min/--bucket-max")
 
 
 def bucket_identity(cfg: Any) -> dict[str, Any]:

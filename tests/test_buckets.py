@@ -21,7 +21,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from latentcache.buckets import (BucketPlanner, crop_rng, generate_buckets, nearest_bucket, preprocess_bucketed,
+from latentcache.buckets import (BucketPlanner, generate_buckets, nearest_bucket, preprocess_bucketed,
                                  same_ratio_fit)
 from latentcache.encode import FLIP_SUFFIX, EncodeSpec, LatentEncoder, group_by_shape, per_key_noise
 from latentcache.models import ModelSpec

@@ -22,10 +22,6 @@ class Moments:
     m2: np.ndarray  # [C] float64
 
     @classmethod
-    def empty(cls, channels: int) -> "Moments":
-        return cls(np.zeros(channels, np.int64), np.zeros(channels), np.zeros(channels))
-
-    @classmethod
     def of(cls, latents: np.ndarray) -> "Moments":
         """Moments of a block [N, C, ...] (any float dtype), computed in float64."""
         x = np.asarray(latents, dtype=np.float64)
