@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,31 @@ VAE_MULTIPLE = 8  # every diffusers VAE downsamples by a multiple of 8
 # Same-ratio sizes chosen by --bucket-no-upscale step in multiples of 16, so latents of f8 VAEs
 # stay even (2x2-patch transformers such as SD3 and Flux need that).
 SIDE_MULTIPLE = 16
+
+
+class BucketSettings(Protocol):
+    """The bucket options of a command's config (`config.EncodeConfig` has them all), read-only."""
+
+    @property
+    def resolution(self) -> int: ...
+    @property
+    def buckets(self) -> bool | list: ...
+    @property
+    def bucket_area(self) -> str | None: ...
+    @property
+    def bucket_step(self) -> int: ...
+    @property
+    def bucket_min(self) -> int | None: ...
+    @property
+    def bucket_max(self) -> int | None: ...
+    @property
+    def bucket_no_upscale(self) -> bool: ...
+    @property
+    def crop(self) -> str: ...
+    @property
+    def flip(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
 
 
 class BucketError(UserError, ValueError):
@@ -104,14 +129,14 @@ class BucketPlanner:
         return bh, bw, self.crop, crop_rng(self.seed, key) if self.crop == "random" else None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "BucketPlanner":
+    def from_config(cls, cfg: BucketSettings) -> BucketPlanner:
         return cls(buckets=tuple(bucket_set(cfg)), crop=cfg.crop, no_upscale=cfg.bucket_no_upscale, seed=cfg.seed)
 
 
 # ---- the bucket set of a run, and its validation ---------------------------------------------
 
 
-def side_range(cfg: Any, area: int) -> tuple[int, int]:
+def side_range(cfg: BucketSettings, area: int) -> tuple[int, int]:
     """--bucket-min/--bucket-max, by default half and twice the square side (rounded to the step)."""
     side, step = math.isqrt(area), cfg.bucket_step
     low = cfg.bucket_min if cfg.bucket_min is not None else max(step, side // 2 // step * step)
@@ -119,7 +144,7 @@ def side_range(cfg: Any, area: int) -> tuple[int, int]:
     return low, high
 
 
-def bucket_set(cfg: Any) -> list[Bucket]:
+def bucket_set(cfg: BucketSettings) -> list[Bucket]:
     """The run's buckets: the explicit list, the generated set, or the one square of --resolution."""
     if isinstance(cfg.buckets, list):
         return sort_buckets(cfg.buckets)
@@ -130,7 +155,7 @@ def bucket_set(cfg: Any) -> list[Bucket]:
     return generate_buckets(h * w, step=cfg.bucket_step, min_side=low, max_side=high)
 
 
-def validate_bucket_config(cfg: Any) -> None:
+def validate_bucket_config(cfg: BucketSettings) -> None:
     """Clear one-line errors for every bucket setting; called from config.validate_encode."""
     if cfg.bucket_step <= 0 or cfg.bucket_step % VAE_MULTIPLE:
         raise BucketError(f"--bucket-step must be a positive multiple of {VAE_MULTIPLE}, got {cfg.bucket_step}")
@@ -152,19 +177,20 @@ def check_bucket_list(buckets: list) -> None:
             raise BucketError(f"buckets: each entry must be [height, width], positive multiples of {VAE_MULTIPLE}; got {item!r}")
 
 
-def check_generated(cfg: Any) -> None:
+def check_generated(cfg: BucketSettings) -> None:
     h, w = parse_area(cfg.bucket_area) if cfg.bucket_area else (cfg.resolution, cfg.resolution)
     low, high = side_range(cfg, h * w)
     for name, value in (("bucket_min", low), ("bucket_max", high)):
         if value <= 0 or value % cfg.bucket_step:
-            raise BucketError(f"--{name.replace('_', '-')} must be a positive multiple of --bucket-step {cfg.bucket_step}, got {value}")
+            flag = "--" + name.replace("_", "-")
+            raise BucketError(f"{flag} must be a positive multiple of --bucket-step {cfg.bucket_step}, got {value}")
     if low > high:
         raise BucketError(f"--bucket-min {low} is larger than --bucket-max {high}")
     if not bucket_set(cfg):
         raise BucketError(f"no bucket of area {h}x{w} has both sides within [{low}, {high}]; widen --bucket-min/--bucket-max")
 
 
-def bucket_identity(cfg: Any) -> dict[str, Any]:
+def bucket_identity(cfg: BucketSettings) -> dict[str, Any]:
     """What the manifest's preprocess entry records, so a changed bucket setting is a stale cache."""
     return {"crop": cfg.crop, "crop_seed": cfg.seed if cfg.crop == "random" else None,
             "buckets": [list(b) for b in bucket_set(cfg)] if cfg.buckets else None,

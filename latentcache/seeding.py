@@ -33,7 +33,7 @@ def epoch_key(key: str, epoch: int) -> str:
     return f"{key}\0epoch={epoch}"
 
 
-def per_key_noise(keys: list[str], shape: tuple[int, ...], seed: int) -> "torch.Tensor":
+def per_key_noise(keys: list[str], shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Standard normal noise [B, *shape], one generator per key, drawn on CPU in float32 so devices agree."""
     import torch
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from .partials import Accumulator, partial_of
 def posterior_reader(cache: Any, posterior: str, seed: int) -> tuple[tuple[str, ...], Callable[[Any], np.ndarray]]:
     """(columns to read, block -> raw latents [N, C, ...] in float64) for the requested posterior."""
     stored = cache.manifest.get("posterior", "mode")
-    to_raw = lambda arr: cache.space.to_raw(arr.astype(np.float64))  # noqa: E731
+    to_raw = lambda arr: cache.space.to_raw(arr.astype(np.float64))
     if posterior == stored:
         return ("latent",), lambda block: to_raw(_tensor(block, "latent"))
     if not cache.has_posterior:

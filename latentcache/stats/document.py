@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .bootstrap import bootstrap_interval
 from .config import StatsConfig
@@ -48,7 +49,8 @@ def build_document(acc: Accumulator, cfg: StatsConfig, context: dict[str, Any], 
 def report_lines(doc: dict[str, Any]) -> list[str]:
     s, ci, fb = doc["suggested"], doc["confidence_interval"], doc["first_batch"]
     lines = [f"{doc['mode']} {doc['source']}: {doc['images']} images ({doc['errors']} failed), "
-             f"{len(doc['channel_mean'])} channels, {doc['count']} values, posterior {doc['posterior']}, {doc['seconds']:.1f}s",
+             f"{len(doc['channel_mean'])} channels, {doc['count']} values, posterior {doc['posterior']}, "
+             f"{doc['seconds']:.1f}s",
              f"raw latents: mean {doc['mean']:.6g}  std {doc['std']:.6g}",
              f"suggested scaling_factor {s['scaling_factor']:.6g}  shift_factor {s['shift_factor']:.6g}"]
     if ci:

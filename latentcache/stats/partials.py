@@ -42,14 +42,14 @@ class Partial:
                 "priority": self.priority.astype(np.float64).tobytes()}
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "Partial":
+    def from_row(cls, row: dict[str, Any]) -> Partial:
         moments = Moments.from_dict(json.loads(row["moments"])) if row["moments"] else None
         head = [(pos, Moments.from_dict(m)) for pos, m in json.loads(row["head"])]
         sample = np.frombuffer(row["sample"], np.float32).reshape(row["channels"], -1)
         return cls(row["unit"], row["rows"], row["errors"], moments, head, sample, np.frombuffer(row["priority"], np.float64))
 
     @classmethod
-    def failed(cls, unit: str, errors: int) -> "Partial":
+    def failed(cls, unit: str, errors: int) -> Partial:
         return cls(unit, 0, errors, None, [], np.zeros((0, 0), np.float32), np.zeros(0))
 
 
