@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, EncodeConfig, add_dataclass_arguments, build_config
-from .manifest import StaleOutputError
-from .models import ModelError
-from .storage import StorageError, describe
+from .config import EncodeConfig, add_dataclass_arguments, build_config
+from .errors import UserError
+from .storage import describe
 
 EXIT_USAGE, EXIT_INCOMPLETE = 2, 3
 EXIT_AUDIT_FAILED = 1
-USER_ERRORS = (ConfigError, ModelError, StaleOutputError, StorageError, FileNotFoundError, PermissionError, ValueError)
+# What a user can fix: one line, exit 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, PermissionError)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -33,12 +33,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import AuditConfig, format_summary, run_audit
-    from .reader import CacheError
 
-    try:
-        summary = run_audit(build_config(AuditConfig, flags_of(args)))
-    except CacheError as exc:  # no manifest at --cache: a wrong path, not a failed audit
-        raise ConfigError(str(exc)) from None
+    summary = run_audit(build_config(AuditConfig, flags_of(args)))  # no manifest at --cache: CacheError, exit 2
     print(format_summary(summary))
     return 0 if summary["ok"] else EXIT_AUDIT_FAILED
 
@@ -111,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as exc:
-        print(f"latentcache: error: {exc if isinstance(exc, (ConfigError, ModelError, StaleOutputError)) else describe(exc)}",
-              file=sys.stderr)
+        print(f"latentcache: error: {exc if isinstance(exc, UserError) else describe(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -162,19 +162,21 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     records = layout.committed_records()
     todo = [s for s in shards if s.id not in records]
     failed: dict[str, str] = {}
+    known: dict[str, list[dict[str, Any]]] = {}  # failed shard -> the keys read before it failed
     if todo:
         ensure_ray()
         spec = CommitSpec(output=cfg.output, format=cfg.format, tensor_layout=cfg.tensor_layout, space=space,
                           storage_options=cfg.storage_options, bucketed=bool(cfg.buckets))
-        records.update(drive(build_dataset(cfg, todo, layout, plan_placement(cfg)), todo, spec, layout, failed, progress))
+        records.update(drive(build_dataset(cfg, todo, layout, plan_placement(cfg)), todo, spec, layout, failed, progress, known))
     layout.clear_staging()
     records = dedupe.drop_cross_shard_duplicates(layout, records, shards, fmt=cfg.format, space=space,
                                                  store_dtype=cfg.store_dtype)
-    return finalize.write_run_outputs(layout, cfg, run_identity, shards, records, failed, time.time() - started)
+    return finalize.write_run_outputs(layout, cfg, run_identity, shards, records, failed, time.time() - started, known)
 
 
 def drive(ds: ray.data.Dataset, todo: list[ShardRef], spec: CommitSpec, layout: CacheLayout,
-          failed: dict[str, str], progress: bool) -> dict[str, dict[str, Any]]:
+          failed: dict[str, str], progress: bool, known: dict[str, list[dict[str, Any]]] | None = None,
+          ) -> dict[str, dict[str, Any]]:
     """Consumes fragment metadata, commits each shard once all its rows are in, records it."""
     names = {s.id: s.name for s in todo}
     ledger, pending, records = ShardLedger(), {}, {}
@@ -188,6 +190,8 @@ def drive(ds: ray.data.Dataset, todo: list[ShardRef], spec: CommitSpec, layout: 
             status, error = ledger.status[shard]
             if status == "failed":
                 failed[shard] = error
+                if known is not None:
+                    known[shard] = finalize.fragment_keys(ledger.fragments[shard], layout.storage_options)
                 storage.remove(ledger.fragments[shard], layout.storage_options)
                 bar.update()
                 continue
