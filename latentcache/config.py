@@ -200,10 +200,16 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {path}{_where(getattr(exc, 'problem_mark', None))}: not valid YAML: "
-                          f"{getattr(exc, 'problem', None) or exc}") from None
+                          f"{getattr(exc, 'problem', None) or exc}{_yaml_context(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _yaml_context(exc: yaml.YAMLError) -> str:
+    """Where the construct the parser was in began, e.g. an unclosed [ two lines up."""
+    context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    return f" ({context} started at{_where(mark).lstrip(',')})" if context and mark is not None else ""
 
 
 def _where(mark: Any) -> str:

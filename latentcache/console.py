@@ -87,5 +87,5 @@ def plan_lines(cfg: Any, shards: int, todo: int, placement: Any) -> str:
     device = f"{placement.encoder_gpus:g} GPU each" if placement.encoder_gpus else f"CPU, {placement.encoder_threads} threads"
     skipped = f" ({shards - todo} already committed, skipped)" if shards != todo else ""
     return (f"encoding {todo} of {shards} shards{skipped}: {cfg.input} -> {cfg.output}\n"
-            f"model: {cfg.model} ({cfg.dtype}), {placement.num_encoders} encoder actor(s) ({device}), "
+            f"encoder: {cfg.model} ({cfg.dtype}), {placement.num_encoders} actor(s) ({device}), "
             f"on Ray: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
