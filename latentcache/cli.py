@@ -7,19 +7,22 @@ Exit status: 0 complete; 2 bad usage or unusable input/model (one line on stderr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, EncodeConfig, add_dataclass_arguments, build_config
-from .manifest import StaleOutputError
-from .models import ModelError
-from .storage import StorageError, describe
+from . import __version__
+from .config import EncodeConfig, add_dataclass_arguments, build_config
+from .console import native_stderr_filter, quiet_libraries
+from .errors import UserError
+from .storage import describe
 
 EXIT_USAGE, EXIT_INCOMPLETE = 2, 3
 EXIT_AUDIT_FAILED = 1
-USER_ERRORS = (ConfigError, ModelError, StaleOutputError, StorageError, FileNotFoundError, PermissionError, ValueError)
+# What a user can fix: one line, exit 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, PermissionError)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -33,12 +36,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import AuditConfig, format_summary, run_audit
-    from .reader import CacheError
 
-    try:
-        summary = run_audit(build_config(AuditConfig, flags_of(args)))
-    except CacheError as exc:  # no manifest at --cache: a wrong path, not a failed audit
-        raise ConfigError(str(exc)) from None
+    summary = run_audit(build_config(AuditConfig, flags_of(args)))  # no manifest at --cache: CacheError, exit 2
     print(format_summary(summary))
     return 0 if summary["ok"] else EXIT_AUDIT_FAILED
 
@@ -59,9 +58,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def print_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
-    rate = c["input"] / summary["seconds"] if summary["seconds"] else 0.0
     print(f"cache: {summary['output']}  ({summary['committed']}/{summary['shards']} shards committed, "
-          f"{c['written']} written, {c['failed']} failed of {c['input']} input, {summary['seconds']:.1f}s, {rate:.1f} images/s)")
+          f"{c['written']} written, {c['failed']} failed of {c['input']} input)")
+    print(this_run(summary))
     print(f"manifest: {summary['manifest']}\nstats: {summary['stats']}\nerrors: {summary['errors']}")
     if summary["failed_shards"]:
         print("INCOMPLETE: failed shards (rerun the same command to resume):")
@@ -69,16 +68,34 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"  {shard}: {reason}")
 
 
+def this_run(summary: dict[str, Any]) -> str:
+    """What this run did: a resume says what it skipped; throughput only over what it encoded."""
+    seconds, skipped = summary["seconds"], summary.get("skipped_shards", 0)
+    encoded, images = summary["shards"] - skipped, summary.get("encoded_input", summary["counts"]["input"])
+    skip = f"{skipped} shard{'s' * (skipped != 1)} already committed, skipped" if skipped else ""
+    if encoded == 0:
+        return f"this run: nothing to encode ({skip or 'no shards'}), {seconds:.1f}s"
+    rate = f", {images / seconds:.1f} images/s" if seconds and images else ""
+    return f"this run: {encoded} shard{'s' * (encoded != 1)} read, {images} images in {seconds:.1f}s{rate}" + (
+        f" ({skip})" if skip else "")
+
+
 def flags_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in ("func", "quiet", "verbose", "command")}
 
 
+VERBOSE_HELP = "Show everything: our INFO logs and every library's messages (Ray, diffusers)."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentcache", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
+    parser.add_argument("--version", action="version", version=f"latentcache {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     encode = sub.add_parser("encode", help="Encode image shards into a latent cache.",
-                            description="Encode image shards into a latent cache (one output file per input shard).")
+                            usage="latentcache encode --input URL --output URL --model MODEL [options]",
+                            description="Encode image shards into a latent cache (one output file per input shard). "
+                                        "Options may also come from a YAML file (--config); flags override it.")
     add_dataclass_arguments(encode, EncodeConfig)
     encode.add_argument("-q", "--quiet", action="store_true", help="No progress bar.")
     encode.set_defaults(func=cmd_encode)
@@ -101,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(stats, StatsConfig)
     stats.add_argument("-q", "--quiet", action="store_true", help="No progress bar.")
     stats.set_defaults(func=cmd_stats)
+    for command in (encode, demo, audit, stats):  # also after the command: `latentcache encode ... -v`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -108,11 +127,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        quiet_libraries()
+    # Only a real process stderr is filtered (not one a test harness captures in Python).
+    filtered = not args.verbose and sys.stderr is sys.__stderr__
+    with native_stderr_filter() if filtered else contextlib.nullcontext():
+        return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Runs the subcommand; a Ray this call started is shut down before returning (no RPC noise at exit)."""
+    ray_before = ray_running()
     try:
         return args.func(args)
     except USER_ERRORS as exc:
-        print(f"latentcache: error: {exc if isinstance(exc, (ConfigError, ModelError, StaleOutputError)) else describe(exc)}",
-              file=sys.stderr)
+        message = exc if isinstance(exc, UserError) else describe(exc)
+        print(f"latentcache: error: {' '.join(str(message).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    finally:
+        if not ray_before and ray_running():
+            import ray
+
+            ray.shutdown()
+
+
+def ray_running() -> bool:
+    ray = sys.modules.get("ray")  # never import Ray just to ask
+    return bool(ray is not None and ray.is_initialized())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -17,77 +18,91 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration value is wrong; the message says which and why."""
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None, secret: bool = False) -> Any:
-    """`secret`: left out of the config's repr, so a logged or raised config never shows credentials."""
-    meta = {"help": help, "choices": choices, "flag": flag, "secret": secret}
+def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None, secret: bool = False,
+        group: str | None = None) -> Any:
+    """`secret`: left out of the config's repr, so a logged or raised config never shows credentials.
+    `group`: the section of `--help` the flag is listed in (HELP_GROUPS)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "secret": secret, "group": group}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, repr=not secret)
     return field(default=default, metadata=meta, repr=not secret)
 
 
 DTYPES = ("fp32", "fp16", "bf16")
+# --help sections, in the order they are listed; fields without a group go under "options".
+HELP_GROUPS = {
+    "input": "input: what to read",
+    "model": "model: which VAE, in which precision",
+    "preprocessing": "preprocessing: image -> pixels",
+    "latents": "latents: what is stored, in which convention",
+    "output": "output: where and how the cache is written",
+    "performance": "performance: batches, tiling, compilation",
+    "cluster": "cluster: how many workers, with which resources",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class EncodeConfig:
-    input: str = opt(None, "Input shards: fsspec URL, glob, or brace range such as shards/shard-{00000..00099}.tar.")
-    output: str = opt(None, "Output directory or prefix (fsspec URL) for the cache.")
-    model: str = opt(None, "VAE: diffusers model directory, hub id (local HF cache), or single-file .safetensors.")
-    input_format: str = opt("auto", "Input format; auto picks from the URL.", choices=("auto", "webdataset", "parquet", "folder"))
-    image_column: str = opt("image", "Parquet input: column holding image bytes (or a struct with a 'bytes' field).")
-    key_column: str = opt("key", "Parquet input: column holding the sample key (row number when absent).")
-    caption_column: str = opt("caption", "Parquet input: column holding the caption (none when absent).")
-    storage_options: dict = opt({}, "JSON object of fsspec storage options, e.g. '{\"endpoint_url\": \"http://...\"}'.", secret=True)
-    resolution: int = opt(256, "Square target side R: resize the shorter side to R (bicubic, antialiased), center-crop RxR.")
-    max_pixels: int = opt(89_478_485, "Decompression-bomb guard: images with more pixels become error rows.")
-    min_size: int = opt(0, "Images whose shorter side is below this become error rows (0: upscale them instead).")
-    buckets: bool | list = opt(False, "Aspect-ratio buckets: generated from --bucket-area/--bucket-step (flag, or YAML true), or a YAML list of [h, w].")
-    bucket_area: str = opt(None, "Target pixel area HxW of generated buckets, e.g. 1024x1024 (default: --resolution squared).")
-    bucket_step: int = opt(64, "Side step of generated buckets (a multiple of 8).")
-    bucket_min: int = opt(None, "Smallest bucket side (default: half the area's square side).")
-    bucket_max: int = opt(None, "Largest bucket side (default: twice the area's square side).")
-    bucket_no_upscale: bool = opt(False, "Never upscale: an image smaller than its bucket gets the largest bucket of the same ratio that fits.")
-    crop: str = opt("center", "Crop position after resizing to cover the target; random is seeded per key by --seed.", choices=("center", "random"))
-    flip: str = opt("none", "With both, also store latent_flipped: the latent of the horizontally flipped crop.", choices=("none", "both"))
-    model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "tiny", "vq"))
-    model_config: str = opt(None, "Local diffusers config directory for a single-file checkpoint (works offline).")
-    model_subfolder: str = opt(None, "Subfolder of --model that holds the VAE, e.g. vae in a full pipeline repo.")
-    allow_pickle: bool = opt(False, "Allow pickle-based checkpoints (.ckpt/.pt/.bin); they can run arbitrary code.")
-    posterior: str = opt("mode", "Latent to store: the posterior's mode, or a sample drawn per key from --seed.", choices=("mode", "sample"))
-    store_posterior: bool = opt(False, "Also store posterior_mean and posterior_std (scaled) so trainers can resample.")
-    seed: int = opt(0, "Seed for --posterior sample and --crop random; the same key and seed always give the same result.")
-    scaling_factor: float = opt(None, "Override the model config's scaling_factor.")
-    shift_factor: float = opt(None, "Override the model config's shift_factor.")
-    latents_mean: list = opt(None, "Override per-channel latents_mean (JSON list).")
-    latents_std: list = opt(None, "Override per-channel latents_std (JSON list).")
-    vq_output: str = opt("latent", "VQModel: store the pre-quantisation latent, the codebook indices, or both.", choices=("latent", "codes", "both"))
-    dtype: str = opt("fp32", "Compute dtype of the encoder.", choices=DTYPES)
-    no_upcast: bool = opt(False, "Run fp16 even on models whose config sets force_upcast.")
-    store_dtype: str = opt("fp16", "Dtype of stored latents (bf16 only with --format safetensors).", choices=DTYPES)
-    batch_size: int = opt(16, "Images per encoder batch.")
-    slicing: bool = opt(False, "Encode one image at a time inside a batch (diffusers enable_slicing).")
+    input: str = opt(None, "Required. Input shards: fsspec URL, glob, or brace range such as shards/shard-{00000..00099}.tar.", group="input")
+    output: str = opt(None, "Required. Output directory or prefix (fsspec URL) for the cache.", group="output")
+    model: str = opt(None, "Required. VAE: diffusers model directory, hub id (local HF cache), or single-file .safetensors.", group="model")
+    input_format: str = opt("auto", "Input format; auto picks from the URL.", choices=("auto", "webdataset", "parquet", "folder"), group="input")
+    image_column: str = opt("image", "Parquet input: column holding image bytes (or a struct with a 'bytes' field).", group="input")
+    key_column: str = opt("key", "Parquet input: column holding the sample key (row number when absent).", group="input")
+    caption_column: str = opt("caption", "Parquet input: column holding the caption (none when absent).", group="input")
+    storage_options: dict = opt({}, "JSON object of fsspec storage options, e.g. '{\"endpoint_url\": \"http://...\"}'.", secret=True, group="input")
+    resolution: int = opt(256, "Square target side R: resize the shorter side to R (bicubic, antialiased), center-crop RxR.", group="preprocessing")
+    max_pixels: int = opt(89_478_485, "Decompression-bomb guard: images with more pixels become error rows.", group="preprocessing")
+    min_size: int = opt(0, "Images whose shorter side is below this become error rows (0: upscale them instead).", group="preprocessing")
+    buckets: bool | list = opt(False, "Aspect-ratio buckets: generated from --bucket-area/--bucket-step (flag, or YAML true), or a YAML list of [h, w].", group="preprocessing")
+    bucket_area: str = opt(None, "Target pixel area HxW of generated buckets, e.g. 1024x1024 (default: --resolution squared).", group="preprocessing")
+    bucket_step: int = opt(64, "Side step of generated buckets (a multiple of 8).", group="preprocessing")
+    bucket_min: int = opt(None, "Smallest bucket side (default: half the area's square side).", group="preprocessing")
+    bucket_max: int = opt(None, "Largest bucket side (default: twice the area's square side).", group="preprocessing")
+    bucket_no_upscale: bool = opt(False, "Never upscale: an image smaller than its bucket gets the largest bucket of the same ratio that fits.", group="preprocessing")
+    crop: str = opt("center", "Crop position after resizing to cover the target; random is seeded per key by --seed.", choices=("center", "random"), group="preprocessing")
+    flip: str = opt("none", "With both, also store latent_flipped: the latent of the horizontally flipped crop.", choices=("none", "both"), group="preprocessing")
+    model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "tiny", "vq"), group="model")
+    model_config: str = opt(None, "Local diffusers config directory for a single-file checkpoint (works offline).", group="model")
+    model_subfolder: str = opt(None, "Subfolder of --model that holds the VAE, e.g. vae in a full pipeline repo.", group="model")
+    allow_pickle: bool = opt(False, "Allow pickle-based checkpoints (.ckpt/.pt/.bin); they can run arbitrary code.", group="model")
+    posterior: str = opt("mode", "Latent to store: the posterior's mode, or a sample drawn per key from --seed.", choices=("mode", "sample"), group="latents")
+    store_posterior: bool = opt(False, "Also store posterior_mean and posterior_std (scaled) so trainers can resample.", group="latents")
+    seed: int = opt(0, "Seed for --posterior sample and --crop random; the same key and seed always give the same result.", group="latents")
+    scaling_factor: float = opt(None, "Override the model config's scaling_factor (default: the model config's).", group="latents")
+    shift_factor: float = opt(None, "Override the model config's shift_factor (default: the model config's).", group="latents")
+    latents_mean: list = opt(None, "Override per-channel latents_mean (JSON list; default: the model config's).", group="latents")
+    latents_std: list = opt(None, "Override per-channel latents_std (JSON list; default: the model config's).", group="latents")
+    vq_output: str = opt("latent", "VQModel: store the pre-quantisation latent, the codebook indices, or both.", choices=("latent", "codes", "both"), group="latents")
+    dtype: str = opt("fp32", "Compute dtype of the encoder.", choices=DTYPES, group="model")
+    no_upcast: bool = opt(False, "Run fp16 even on models whose config sets force_upcast.", group="model")
+    store_dtype: str = opt("fp16", "Dtype of stored latents (bf16 only with --format safetensors).", choices=DTYPES, group="latents")
+    batch_size: int = opt(16, "Images per encoder batch.", group="performance")
+    slicing: bool = opt(False, "Encode one image at a time inside a batch (diffusers enable_slicing).", group="performance")
     tiling: str = opt("auto", "Tiled encoding: exact (band by band, equal to the full encode at bounded memory), "
                       "diffusers (approximate), none; auto = exact above --tile-threshold pixels.",
-                      choices=("auto", "exact", "diffusers", "none"))
-    tile_threshold: int = opt(1 << 20, "With --tiling auto, images with more pixels than this are encoded exactly in bands.")
-    band_mb: float = opt(64.0, "Exact tiling: working memory of one band, in MB.")
-    tile_size: int = opt(512, "Tile size in pixels for --tiling diffusers.")
-    tile_overlap: float = opt(0.25, "Tile overlap fraction for --tiling diffusers.")
-    channels_last: bool = opt(False, "Run the encoder in channels_last memory format (faster convs on many GPUs/CPUs).")
-    compile: bool = opt(False, "torch.compile the encoder (one compile per image shape; pays off on long runs).")
-    format: str = opt("parquet", "Output file format, one file per input shard.", choices=("parquet", "safetensors"))
-    tensor_layout: str = opt("fixed_shape_tensor", "Parquet latent layout: canonical Arrow tensor or nested lists (HF datasets).", choices=("fixed_shape_tensor", "nested"))
-    num_encoders: int = opt(None, "Encoder actors; default: one per GPU, or 1 on CPU.")
-    decode_cpus: float = opt(1.0, "CPUs reserved by each decode/preprocess task.")
-    encoder_threads: int = opt(None, "torch threads per CPU encoder actor; default: the node's cores.")
-    rows_per_block: int = opt(64, "Rows per block read from a shard (bounds memory per read task).")
-    overwrite: bool = opt(False, "Replace an output whose manifest names a different model or preprocessing.")
-    config: str = opt(None, "YAML file with the same keys as the flags; flags override it.")
+                      choices=("auto", "exact", "diffusers", "none"), group="performance")
+    tile_threshold: int = opt(1 << 20, "With --tiling auto, images with more pixels than this are encoded exactly in bands.", group="performance")
+    band_mb: float = opt(64.0, "Exact tiling: working memory of one band, in MB.", group="performance")
+    tile_size: int = opt(512, "Tile size in pixels for --tiling diffusers.", group="performance")
+    tile_overlap: float = opt(0.25, "Tile overlap fraction for --tiling diffusers.", group="performance")
+    channels_last: bool = opt(False, "Run the encoder in channels_last memory format (faster convs on many GPUs/CPUs).", group="performance")
+    compile: bool = opt(False, "torch.compile the encoder (one compile per image shape; pays off on long runs).", group="performance")
+    format: str = opt("parquet", "Output file format, one file per input shard.", choices=("parquet", "safetensors"), group="output")
+    tensor_layout: str = opt("fixed_shape_tensor", "Parquet latent layout: canonical Arrow tensor or nested lists (HF datasets).", choices=("fixed_shape_tensor", "nested"), group="output")
+    num_encoders: int = opt(None, "Encoder actors; default: one per GPU, or 1 on CPU.", group="cluster")
+    decode_cpus: float = opt(1.0, "CPUs reserved by each decode/preprocess task.", group="cluster")
+    encoder_threads: int = opt(None, "torch threads per CPU encoder actor; default: the node's cores.", group="cluster")
+    rows_per_block: int = opt(64, "Rows per block read from a shard (bounds memory per read task).", group="performance")
+    overwrite: bool = opt(False, "Replace an output whose manifest names a different model or preprocessing.", group="output")
+    config: str = opt(None, "YAML file with the same keys as the flags; flags override it.", group="input")
 
     def __post_init__(self) -> None:
         validate_encode(self)
@@ -148,46 +163,90 @@ def _json_arg(kind: type) -> Any:
     return parse
 
 
+def default_text(help_text: str, default: Any) -> str:
+    """Every flag says its default, unless its help already explains it."""
+    if "default" in help_text.lower() or help_text.startswith("Required."):
+        return ""
+    shown = {None: "none", False: "off", True: "on"}.get(default, default) if isinstance(default, (bool, type(None))) else default
+    return f" (default: {json.dumps(shown) if isinstance(shown, (dict, list)) else shown})"
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field; defaults are suppressed so that only flags the user typed override YAML."""
+    """One flag per field, in its --help group; defaults are suppressed so only typed flags override YAML."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = dataclasses.fields(cls)
+    used = [g for g in HELP_GROUPS if any(f.metadata.get("group") == g for f in fields)]
+    sections = {g: parser.add_argument_group(HELP_GROUPS[g]) for g in used}
+    for f in fields:
         kind = _base_type(hints[f.name])
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f.metadata["help"] + ("" if default in (None, False, {}, []) else f" (default: {default})")
+        help_text = f.metadata["help"] + default_text(f.metadata["help"], default)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        section = sections.get(f.metadata.get("group"), parser)
         if kind is bool:
-            parser.add_argument(flag, action="store_true", **kwargs)
+            section.add_argument(flag, action="store_true", **kwargs)
         elif kind in (dict, list):
-            parser.add_argument(flag, type=_json_arg(kind), **kwargs)
+            section.add_argument(flag, type=_json_arg(kind), **kwargs)
         else:
-            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kwargs)
+            section.add_argument(flag, type=kind, choices=f.metadata.get("choices"), **kwargs)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    """The YAML file as a mapping of option names; errors name the file and the line."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config {path}{_where(getattr(exc, 'problem_mark', None))}: not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or exc}{_yaml_context(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _yaml_context(exc: yaml.YAMLError) -> str:
+    """Where the construct the parser was in began, e.g. an unclosed [ two lines up."""
+    context, mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    return f" ({context} started at{_where(mark).lstrip(',')})" if context and mark is not None else ""
+
+
+def _where(mark: Any) -> str:
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def key_lines(path: str) -> dict[str, int]:
+    """Line of each top-level key of a YAML mapping (for errors that point at it)."""
+    node = yaml.compose(Path(path).read_text())
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(k.value).replace("-", "_"): k.start_mark.line + 1 for k, _ in node.value}
+
+
+def unknown_option(name: str, known: list[str], path: str | None, lines: dict[str, int]) -> ConfigError:
+    where = f"config {path}, line {lines[name]}: " if path and name in lines else ""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0].replace('_', '-')!r}?)" if close else ""
+    return ConfigError(f"{where}unknown option {name.replace('_', '-')!r}{hint}")
 
 
 def build_config(cls: type, flags: dict[str, Any]) -> Any:
     """Defaults < YAML (--config) < flags. Unknown YAML keys and wrong types are errors."""
-    values = load_yaml(flags["config"]) if flags.get("config") else {}
+    path = flags.get("config")
+    values = load_yaml(path) if path else {}
+    lines = key_lines(path) if values else {}
+    from_yaml = set(values) - set(flags)
     values.update(flags)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown option(s): {', '.join(unknown)}")
+    for name in sorted(set(values) - set(known)):
+        raise unknown_option(name, list(known), path, lines)
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
-        check_value(name, value, _value_kind(hints[name], value), known[name].metadata.get("choices"))
+        try:
+            check_value(name, value, _value_kind(hints[name], value), known[name].metadata.get("choices"))
+        except ConfigError as exc:
+            raise ConfigError(f"config {path}, line {lines.get(name, '?')}: {exc}" if name in from_yaml else str(exc)) from None
     return cls(**values)
 
 

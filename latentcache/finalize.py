@@ -19,6 +19,25 @@ from .stats import Moments, merge_all, summary
 log = logging.getLogger(__name__)
 
 
+def fragment_keys(urls: list[str], storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    """The keys (and row errors) a failed shard's fragments hold: what was read before it failed."""
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(u, storage_options)), columns=["key", "index", "error"])
+              for u in urls]
+    rows = pa.concat_tables(tables).to_pylist() if tables else []
+    return sorted((r for r in rows if r["key"] is not None), key=lambda r: r["index"])
+
+
+def failed_shard_errors(failed: dict[str, str], known: dict[str, list[dict[str, Any]]]) -> pa.Table:
+    """Each failed shard: one row naming it (key null), then one per key read before it failed."""
+    rows = []
+    for shard, reason in sorted(failed.items()):
+        rows.append({"key": None, "shard": shard, "reason": f"shard failed: {reason}"})
+        rows += [{"key": r["key"], "shard": shard,
+                  "reason": f"shard failed: {reason}" + (f"; this sample: {r['error']}" if r["error"] else "")}
+                 for r in known.get(shard, [])]
+    return pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
+
+
 def merged_errors(layout: CacheLayout, records: dict[str, dict[str, Any]]) -> pa.Table:
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(layout.url("_state", "errors", r["name"] + ".parquet"),
                                                           layout.storage_options)))
@@ -41,9 +60,11 @@ def run_counts(records: dict[str, dict[str, Any]],
 
 
 def write_run_outputs(layout: CacheLayout, cfg: EncodeConfig, identity: dict[str, Any], shards: list[ShardRef],
-                      records: dict[str, dict[str, Any]], failed: dict[str, str], seconds: float) -> dict[str, Any]:
-    """Writes the manifest, errors and stats for every committed shard; returns the run summary."""
-    storage.write_bytes(layout.url("_errors.parquet"), parquet_bytes(merged_errors(layout, records)), layout.storage_options)
+                      records: dict[str, dict[str, Any]], failed: dict[str, str], seconds: float,
+                      known: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Writes the manifest, errors (failed shards' rows included) and stats; returns the run summary."""
+    errors = pa.concat_tables([merged_errors(layout, records), failed_shard_errors(failed, known or {})])
+    storage.write_bytes(layout.url("_errors.parquet"), parquet_bytes(errors), layout.storage_options)
     stats = merged_stats(records, identity["latent_space"])
     if stats is not None:
         layout.write_json(stats, "_stats.json")

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import storage
+from .errors import UserError
 
 IDENTITY_KEYS = ("model_sha256", "model_class", "latent_space", "preprocess", "posterior", "seed",
                  "store_dtype", "format", "tensor_layout", "vq_output", "store_posterior")
 
 
-class StaleOutputError(RuntimeError):
+class StaleOutputError(UserError):
     """The output prefix holds a cache made with a different model, convention or preprocessing."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import UserError
 from .latent_space import LatentSpace
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 HUB_ENV_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError):
     """The model cannot be found, loaded or used; the message says why."""
 
 

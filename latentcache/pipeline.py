@@ -22,6 +22,7 @@ from ray.data.block import BlockMetadata
 from tqdm import tqdm
 
 from . import dedupe, finalize, storage
+from .console import plan_lines, quiet_ray_data
 from .buckets import BucketPlanner, bucket_identity, preprocess_bucketed
 from .config import EncodeConfig
 from .encode import EncodeSpec, LatentEncoder
@@ -160,21 +161,28 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     claim_output(layout, run_identity, overwrite=cfg.overwrite)
     layout.clear_staging()
     records = layout.committed_records()
+    skipped = {s.id for s in shards if s.id in records}  # committed by an earlier run: a resume skips them
     todo = [s for s in shards if s.id not in records]
     failed: dict[str, str] = {}
+    known: dict[str, list[dict[str, Any]]] = {}  # failed shard -> the keys read before it failed
     if todo:
         ensure_ray()
         spec = CommitSpec(output=cfg.output, format=cfg.format, tensor_layout=cfg.tensor_layout, space=space,
                           storage_options=cfg.storage_options, bucketed=bool(cfg.buckets))
-        records.update(drive(build_dataset(cfg, todo, layout, plan_placement(cfg)), todo, spec, layout, failed, progress))
+        placement = plan_placement(cfg)
+        print(plan_lines(cfg, len(shards), len(todo), placement), flush=True)
+        records.update(drive(build_dataset(cfg, todo, layout, placement), todo, spec, layout, failed, progress, known))
     layout.clear_staging()
     records = dedupe.drop_cross_shard_duplicates(layout, records, shards, fmt=cfg.format, space=space,
                                                  store_dtype=cfg.store_dtype)
-    return finalize.write_run_outputs(layout, cfg, run_identity, shards, records, failed, time.time() - started)
+    summary = finalize.write_run_outputs(layout, cfg, run_identity, shards, records, failed, time.time() - started, known)
+    return {**summary, "skipped_shards": len(skipped),
+            "encoded_input": sum(r.get("input", 0) for s, r in records.items() if s not in skipped)}
 
 
 def drive(ds: ray.data.Dataset, todo: list[ShardRef], spec: CommitSpec, layout: CacheLayout,
-          failed: dict[str, str], progress: bool) -> dict[str, dict[str, Any]]:
+          failed: dict[str, str], progress: bool, known: dict[str, list[dict[str, Any]]] | None = None,
+          ) -> dict[str, dict[str, Any]]:
     """Consumes fragment metadata, commits each shard once all its rows are in, records it."""
     names = {s.id: s.name for s in todo}
     ledger, pending, records = ShardLedger(), {}, {}
@@ -188,6 +196,8 @@ def drive(ds: ray.data.Dataset, todo: list[ShardRef], spec: CommitSpec, layout: 
             status, error = ledger.status[shard]
             if status == "failed":
                 failed[shard] = error
+                if known is not None:
+                    known[shard] = finalize.fragment_keys(ledger.fragments[shard], layout.storage_options)
                 storage.remove(ledger.fragments[shard], layout.storage_options)
                 bar.update()
                 continue
@@ -231,7 +241,8 @@ def cluster_started_here() -> bool:
 def ensure_ray() -> None:
     """Joins the cluster this runs in (ray job submit, RAY_ADDRESS) or starts a local one."""
     if not ray.is_initialized():
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+        verbose = logging.getLogger().isEnabledFor(logging.INFO)  # the CLI's --verbose: Ray's logs too
+        quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
         if os.environ.get("RAY_ADDRESS") or cluster_started_here():
             ray.init(**quiet)  # what ray.init() joins by itself: RAY_ADDRESS, or the cluster `ray start` made
         else:
@@ -239,3 +250,4 @@ def ensure_ray() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    quiet_ray_data()

@@ -16,13 +16,14 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
+from .errors import LatentcacheError
 from .rows import CROP, PIXEL_SCHEMA, carry
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")  # animated GIF/WebP: the first frame
 WHITE = (255, 255, 255)
 
 
-class ImageError(ValueError):
+class ImageError(LatentcacheError):
     """The bytes are not a usable image; the message is the reason recorded in the errors table."""
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .errors import UserError
 from .latent_space import LatentSpace
 from .rows import CROP, TENSOR_COLUMNS
 from .sinks import column_to_numpy
@@ -24,7 +25,7 @@ from .sinks import column_to_numpy
 META_COLUMNS = ("key", "shard", "caption", *(name for name, _ in CROP))
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError):
     """The cache is missing, incomplete or unreadable; the message says which part."""
 
 

@@ -1,8 +1,13 @@
 """Input shards -> blocks of raw rows {key, shard, index, image bytes, caption}.
 
 One reader per input format behind a registry. Each shard's rows end with one *marker* row
-(key null, `shard_rows` = how many samples the shard held, `error` = why reading stopped early),
+(key null, `shard_rows` = how many samples were read, `error` = why reading stopped early),
 so the driver knows when every row of a shard has been accounted for and can commit it.
+
+A shard that cannot be read wholly (a tar cut short, a truncated Parquet file, an unreadable
+image file of a folder chunk) gets `shard_status: "failed"`: it is never committed, so a rerun
+retries it. The rows read before the failure still flow, so the failed shard's known keys reach
+the errors table.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .errors import LatentcacheError, UserError
 from .preprocess import IMAGE_EXTENSIONS
 from .rows import RAW_SCHEMA
 
@@ -24,8 +30,12 @@ CAPTION_EXTENSIONS = ("txt", "caption")
 FOLDER_SHARD_SIZE = 1000
 
 
-class ShardDataError(ValueError):
-    """The shard's container itself is damaged (e.g. a tar cut mid-member): what was read is kept."""
+class InputError(UserError, ValueError):  # ValueError: what callers caught before it existed
+    """The input cannot be used as given (format, columns): one line for the user, before the run."""
+
+
+class ShardDataError(LatentcacheError):
+    """The shard cannot be read wholly (e.g. a tar cut mid-member): the shard fails, its keys so far are kept."""
 
 
 @dataclass(frozen=True)
@@ -83,15 +93,44 @@ def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
     return Sample(key, members[image_ext], caption)
 
 
+class _EndRecordingTarInfo(tarfile.TarInfo):
+    """Remembers why tarfile stopped: it ends silently at a missing, cut or invalid header after the
+    first member, while only a zero block (the end-of-archive marker) means the writer finished."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            tar.end_error = exc  # type: ignore[attr-defined]
+            raise
+
+
+TAR_END_PROBLEMS = {
+    tarfile.EmptyHeaderError: "tar shard ends without its end-of-archive marker (cut at a member boundary?)",
+    tarfile.TruncatedHeaderError: "tar shard is cut inside a member header",
+    tarfile.InvalidHeaderError: "tar shard has an invalid member header",
+}
+
+
+def check_tar_end(tar: tarfile.TarFile) -> None:
+    end = getattr(tar, "end_error", None)
+    problem = next((text for kind, text in TAR_END_PROBLEMS.items() if isinstance(end, kind)), None)
+    if problem is not None:
+        raise ShardDataError(f"{problem}: {end}")
+
+
 def iter_tar_samples(stream: Any) -> Iterator[Sample]:
     """Groups consecutive tar members by key, as webdataset does, streaming (never the whole tar).
 
     A member whose key and extension repeat the previous one starts a new sample with the same
-    key (which the commit then records as a duplicate) instead of silently replacing it."""
+    key (which the commit then records as a duplicate) instead of silently replacing it. A tar
+    that ends anywhere but at its end-of-archive marker raises ShardDataError after yielding
+    every sample read so far (the one being read when it broke as an error row)."""
     key, members = None, {}
     current = None  # the key of the member being read, while it is read
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo) as tar:
             for info in tar:
                 parts = split_member_name(info.name) if info.isfile() else None
                 if parts is None:
@@ -103,12 +142,15 @@ def iter_tar_samples(stream: Any) -> Iterator[Sample]:
                 data = tar.extractfile(info).read()
                 key, current = parts[0], None
                 members[parts[1]] = data
-    except (tarfile.TarError, EOFError) as exc:
+            check_tar_end(tar)
+    except Exception as exc:
         if current is not None:
-            yield Sample(current, None, None, f"tar shard truncated inside this sample: {exc}")
+            yield Sample(current, None, None, f"tar shard cut inside this sample: {type(exc).__name__}: {exc}")
         elif key is not None:
             yield _sample_from_members(key, members)
-        raise ShardDataError(f"tar shard is damaged: {type(exc).__name__}: {exc}") from None
+        if isinstance(exc, (tarfile.TarError, EOFError)):
+            raise ShardDataError(f"tar shard is damaged: {type(exc).__name__}: {exc}") from None
+        raise
     if key is not None:
         yield _sample_from_members(key, members)
 
@@ -125,18 +167,18 @@ def parquet_columns(schema: pa.Schema, options: SourceOptions, url: str) -> tupl
     """Checks the image column and picks the key and caption columns; raises a clear error."""
     names = set(schema.names)
     if options.image_column not in names:
-        raise ValueError(f"{url}: image column {options.image_column!r} not found; columns are "
+        raise InputError(f"{url}: image column {options.image_column!r} not found; columns are "
                          f"{', '.join(schema.names)} (use --image-column)")
     image_type = schema.field(options.image_column).type
     if not _holds_bytes(image_type):
-        raise ValueError(f"{url}: image column {options.image_column!r} holds {image_type}, not image bytes "
+        raise InputError(f"{url}: image column {options.image_column!r} holds {image_type}, not image bytes "
                          "(binary, or a struct with a 'bytes' field)")
     key_col = options.key_column if options.key_column in names else None
     if key_col is None and options.key_column != SourceOptions.key_column:
-        raise ValueError(f"{url}: key column {options.key_column!r} not found (use --key-column)")
+        raise InputError(f"{url}: key column {options.key_column!r} not found (use --key-column)")
     caption_col = options.caption_column if options.caption_column in names else None
     if caption_col is None and options.caption_column != SourceOptions.caption_column:
-        raise ValueError(f"{url}: caption column {options.caption_column!r} not found (use --caption-column)")
+        raise InputError(f"{url}: caption column {options.caption_column!r} not found (use --caption-column)")
     return key_col, caption_col
 
 
@@ -147,8 +189,13 @@ def _holds_bytes(kind: pa.DataType) -> bool:
 
 
 def check_parquet_shard(shard: ShardRef, options: SourceOptions) -> None:
+    """A first file that is not readable Parquet is left to its read, which reports the shard failed."""
     with storage.open_retrying(shard.url, options.storage_options) as f:
-        parquet_columns(pq.ParquetFile(f).schema_arrow, options, shard.url)
+        try:
+            schema = pq.ParquetFile(f).schema_arrow
+        except (pa.ArrowException, OSError):
+            return
+    parquet_columns(schema, options, shard.url)
 
 
 def _image_bytes(value: Any) -> bytes | None:
@@ -159,35 +206,58 @@ def _image_bytes(value: Any) -> bytes | None:
 
 def read_parquet(shard: ShardRef, options: SourceOptions) -> Iterator[Sample]:
     with storage.open_retrying(shard.url, options.storage_options) as f:
-        reader = pq.ParquetFile(f)
-        key_col, caption_col = parquet_columns(reader.schema_arrow, options, shard.url)
-        columns = [c for c in (options.image_column, key_col, caption_col) if c]
-        index = 0
-        for batch in reader.iter_batches(batch_size=256, columns=columns):
-            data = batch.to_pydict()
-            for i, image in enumerate(data[options.image_column]):
-                key = str(data[key_col][i]) if key_col else f"{index:09d}"
-                yield Sample(key, _image_bytes(image), data[caption_col][i] if caption_col else None)
-                index += 1
+        try:
+            yield from _parquet_samples(pq.ParquetFile(f), shard.url, options)
+        except (pa.ArrowException, OSError) as exc:  # no footer (truncated), a corrupt page header...
+            raise ShardDataError(f"Parquet shard cannot be read: {type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())}") from None
+
+
+def _parquet_samples(reader: pq.ParquetFile, url: str, options: SourceOptions) -> Iterator[Sample]:
+    key_col, caption_col = parquet_columns(reader.schema_arrow, options, url)
+    columns = [c for c in (options.image_column, key_col, caption_col) if c]
+    index = 0
+    for batch in _row_group_batches(reader, columns):
+        data = batch.to_pydict()
+        for i, image in enumerate(data[options.image_column]):
+            key = str(data[key_col][i]) if key_col else f"{index:09d}"
+            yield Sample(key, _image_bytes(image), data[caption_col][i] if caption_col else None)
+            index += 1
+
+
+def _row_group_batches(reader: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Row group by row group (a batch never spans two), so a corrupt row group keeps the keys before it."""
+    for group in range(reader.num_row_groups):
+        yield from reader.iter_batches(batch_size=256, columns=columns, row_groups=[group])
 
 
 # ---- a folder (or prefix) of image files -----------------------------------------------------
 
 
 def read_folder_chunk(shard: ShardRef, options: SourceOptions) -> Iterator[Sample]:
-    """Key = path relative to the folder without extension; caption from a sibling .txt."""
+    """Key = path relative to the folder without extension; caption from a sibling .txt.
+
+    An image file that cannot be read (vanished, a dangling link, no permission) is an error row
+    and makes the chunk fail once every other file was read, so all its keys are known."""
     fs, root = storage.url_to_fs(shard.url, options.storage_options)
+    unreadable: list[str] = []
     for url in shard.members:
         _, path = storage.url_to_fs(url, options.storage_options)
         key = posixpath.splitext(posixpath.relpath(path, root))[0]
-        caption_path = posixpath.splitext(path)[0] + ".txt"
         try:
             image = storage.retrying(fs.cat_file)(path)
-        except FileNotFoundError as exc:
-            yield Sample(key, None, None, f"image file vanished: {exc}")
+        except (OSError, storage.StorageError) as exc:  # transient faults were retried: this file is unreadable
+            unreadable.append(f"{url}: {storage.describe(exc, options.storage_options)}")
+            yield Sample(key, None, None, f"cannot read image file: {unreadable[-1]}")
             continue
-        caption = storage.retrying(fs.cat_file)(caption_path).decode("utf-8", "replace") if fs.exists(caption_path) else None
-        yield Sample(key, image, caption)
+        yield Sample(key, image, _folder_caption(fs, posixpath.splitext(path)[0] + ".txt"))
+    if unreadable:
+        raise ShardDataError(f"{len(unreadable)} of {len(shard.members)} image files cannot be read, "
+                             f"first {unreadable[0]}")
+
+
+def _folder_caption(fs: Any, path: str) -> str | None:
+    return storage.retrying(fs.cat_file)(path).decode("utf-8", "replace") if fs.exists(path) else None
 
 
 SampleReader = Callable[[ShardRef, SourceOptions], Iterator[Sample]]
@@ -219,7 +289,7 @@ def detect_format(urls: list[str]) -> str:
         return formats.pop()
     if all(posixpath.splitext(u)[1].lower().lstrip(".") in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS for u in urls):
         return "folder"
-    raise ValueError("cannot tell the input format from the file names (mixed or unknown suffixes); "
+    raise InputError("cannot tell the input format from the file names (mixed or unknown suffixes); "
                      "pass --input-format webdataset|parquet|folder")
 
 
@@ -273,9 +343,9 @@ def read_shard_blocks(shard: ShardRef, options: SourceOptions, *, rows_per_block
                 yield _rows_table(rows)
                 rows = []
     except ShardDataError as exc:
-        error, status = str(exc), "damaged"
+        error, status = str(exc), "failed"
     except Exception as exc:  # noqa: BLE001 - storage faults after retries: the shard is reported failed
-        error, status = f"read failed: {storage.describe(exc)}", "failed"
+        error, status = f"read failed: {storage.describe(exc, options.storage_options)}", "failed"
     rows.append({"key": None, "shard": shard.id, "index": count, "shard_rows": count,
                  "error": error, "shard_status": status})
     yield _rows_table(rows)

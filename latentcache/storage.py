@@ -18,6 +18,8 @@ import fsspec
 from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -25,7 +27,7 @@ SECRET_OPTION_WORDS = ("secret", "token", "password", "key", "credential", "sess
 TMP_PREFIX = ".tmp-"  # a local file being written; renamed into place when complete
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError):
     """A storage operation failed after its retries."""
 
 
@@ -103,11 +105,23 @@ def retrying(fn: Callable[..., T], *, attempts: int = 5, base_delay: float = 0.2
     return wrapper
 
 
-def describe(exc: BaseException) -> str:
-    """A one-line error description without credentials (botocore never echoes secrets; fsspec
-    options might, so anything that looks like one is cut)."""
+def describe(exc: BaseException, storage_options: dict[str, Any] | None = None) -> str:
+    """A one-line error description. botocore never echoes secrets; fsspec options might, so the
+    secret-looking values of `storage_options` (when given) are masked wherever they appear."""
     text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    for secret in _secret_values(storage_options or {}):
+        text = text.replace(secret, "***")
     return text[:500]
+
+
+def _secret_values(options: dict[str, Any]) -> list[str]:
+    found = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            found += _secret_values(value)
+        elif isinstance(value, str) and value and any(word in key.lower() for word in SECRET_OPTION_WORDS):
+            found.append(value)
+    return found
 
 
 def redact(options: dict[str, Any] | None) -> dict[str, Any]:

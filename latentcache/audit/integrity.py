@@ -118,6 +118,9 @@ def check_complete(cache: Cache, findings: Findings) -> None:
         findings.fail("incomplete", "manifest says the run is incomplete")
     for shard, reason in (m.get("failed_shards") or {}).items():
         findings.fail("incomplete", f"shard {shard} failed: {reason}")
+    for name, rec in (m.get("shards") or {}).items():  # a shard committed from a partial read (older caches)
+        if rec.get("shard_status", "ok") != "ok":
+            findings.fail("incomplete", f"shard {name} is {rec['shard_status']}: {rec.get('shard_error')}")
 
 
 def check_counts(cache: Cache, findings: Findings) -> None:
