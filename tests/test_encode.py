@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL
 from latentcache.samples import write_tar
 
 from .helpers import encode, errors, latents, manifest, png_bytes, read_cache
+from .helpers import stats as read_stats
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,7 @@ def test_manifest_counts_reconcile(mixed_cache):
 
 
 def test_stats_equal_numpy_over_the_cache(mixed_cache):
-    import json
-
-    stats = json.loads((mixed_cache / "_stats.json").read_text())
+    stats = read_stats(mixed_cache)
     raw = latents(read_cache(mixed_cache)).astype(np.float64) / stats["latent_space"]["scaling_factor"]
     np.testing.assert_allclose(stats["channel_mean"], raw.mean(axis=(0, 2, 3)), rtol=1e-9)
     np.testing.assert_allclose(stats["channel_std"], raw.std(axis=(0, 2, 3)), rtol=1e-9)
