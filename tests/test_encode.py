@@ -106,27 +106,6 @@ def test_per_key_noise_is_bitwise_stable_whatever_the_batch():
     assert not torch.equal(per_key_noise(["b"], (4, 2, 2), seed=4)[0], alone[0])
 
 
-def test_fixed_shape_tensor_layout_reads_with_ray_data(mixed_cache, ray_session):
-    import ray.data
-
-    ds = ray.data.read_parquet(str(mixed_cache / "shard-00000.parquet"))
-    batch = next(iter(ds.iter_batches(batch_size=5, batch_format="numpy")))
-    assert batch["latent"].shape == (5, 4, 8, 8)
-    np.testing.assert_array_equal(np.sort(batch["latent"].reshape(5, -1), axis=0),
-                                  np.sort(latents(read_cache(mixed_cache)).reshape(5, -1), axis=0))
-
-
-def test_nested_layout_reads_with_hf_datasets(ray_session, kl_model, mixed_shard, tmp_path):
-    import datasets
-
-    out = tmp_path / "nested"
-    assert encode(input=mixed_shard[0], output=out, model=kl_model, resolution=64, tensor_layout="nested") == 0
-    ds = datasets.load_dataset("parquet", data_files=str(out / "shard-00000.parquet"), split="train").with_format("torch")
-    assert len(ds) == 5
-    assert tuple(ds[0]["latent"].shape) == (4, 8, 8)
-    np.testing.assert_allclose(ds[0]["latent"].numpy(), latents(read_cache(out))[0].astype(np.float32))
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--resolution", "abc"], "invalid int value"),
     (["--posterior", "median"], "invalid choice"),
