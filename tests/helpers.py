@@ -57,3 +57,10 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def named_files(out: Path) -> set[str]:
+    """Part and error files the shard records name (everything else under data/ or errors/ is a stray)."""
+    cache = Cache(str(out))
+    records = cache.all_records.values()
+    return {p["path"] for r in records for p in r.get("parts", [])} | {e for r in records for e in r.get("errors", [])}

@@ -67,8 +67,8 @@ class Cache:
                              f"{root} has no {self.layout.manifest}: not a latentcache output, or its run never finished")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CacheError(old_format_message(root, manifest.get("format_version")))
-        self.records = {r["shard"]: r for r in committed(CommitLog(url=self.layout.log_url,
-                                                                     storage_options=self.storage_options).state())}
+        self.all_records = CommitLog(url=self.layout.log_url, storage_options=self.storage_options).state()
+        self.records = {r["shard"]: r for r in committed(self.all_records)}
         # `shards` by output name, as format 1's manifest listed them (audit and data read it there)
         self.manifest = {**manifest, "shards": {r["name"]: {**r, "files": r["parts"]} for r in self.records.values()}}
         self.space = LatentSpace.from_dict(manifest["latent_space"])
@@ -100,7 +100,6 @@ class Cache:
 
     def errors(self) -> pa.Table:
         """Every error row of the committed and failed shards, as one table."""
-        paths = sorted({p for r in CommitLog(url=self.layout.log_url, storage_options=self.storage_options).state()
-                        .values() for p in r.get("errors", [])})
+        paths = sorted({p for r in self.all_records.values() for p in r.get("errors", [])})
         tables = [pq.read_table(io.BytesIO(self.layout.read_bytes(p))) for p in paths]
         return pa.concat_tables([ERRORS_SCHEMA.empty_table(), *tables]).cast(ERRORS_SCHEMA)
