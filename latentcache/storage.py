@@ -216,11 +216,14 @@ class RetryingReader(io.RawIOBase):
         super().__init__()
         self.fs, self.path, self.open_kwargs = fs, path, open_kwargs
         self.pos, self.file = 0, None
-        self.size = retrying(fs.size)(path)
+        self.info = retrying(fs.info)(path)
+        self.size = self.info["size"]
 
     def _reopen(self) -> Any:
         if self.file is None:
             self.file = self.fs.open(self.path, "rb", **self.open_kwargs, **self._known_size())
+            if getattr(self.file, "_details", False) is None:
+                self.file._details = self.info  # what fsspec would HEAD again (s3fs checks the ETag per range)
             self.file.seek(self.pos)
         return self.file
 
