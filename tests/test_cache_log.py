@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -162,11 +163,11 @@ def test_a_sigkill_at_any_write_loses_only_the_unfinished_append(tmp_path, kill_
 
 
 class CountingProxy(FaultProxy):
-    """Forwards every request (no faults) and counts them by method."""
+    """Forwards every request (no faults) and counts them: LIST, GET, PUT, HEAD, POST (bulk delete)."""
 
     def decide(self, method: str, target: str, range_header: str) -> tuple | None:
         with self._lock:
-            self.stats[method] += 1
+            self.stats["LIST" if "list-type=" in target else method] += 1
         return super().decide(method, target, range_header)
 
 
@@ -187,23 +188,27 @@ def test_resume_requests_do_not_grow_with_the_shard_count(s3, s3_server):
             resumed = CommitLog(url=url, storage_options=proxied)
             assert len(resumed.state()) == shards and resumed.state()["s000004"]["rows"] == -4
             counts[shards] = dict(proxy.stats)
-    assert counts[10] == counts[3000]
-    # pointer + checkpoint + one LIST + five entries (s3fs may add a HEAD before each GET)
-    assert counts[10]["GET"] <= 1 + 1 + 1 + 5 and counts[10]["requests"] <= 2 * 7 + 1, counts
+    # GET the pointer, GET the checkpoint, LIST the tail, GET its five entries; nothing else
+    assert counts[10] == counts[3000] == {"requests": 8, "GET": 7, "LIST": 1}
 
 
-def test_a_long_tail_costs_one_list_per_thousand_entries(s3, s3_server):
+def test_checkpoint_requests_and_compaction_on_s3(s3, s3_server):
     bucket, options = s3
+    url = f"s3://{bucket}/log"
     with CountingProxy(s3_server, rate=0.0) as proxy:
         proxied = {**options, "endpoint_url": proxy.endpoint}
-        log = CommitLog(url=f"s3://{bucket}/log", storage_options=proxied)
-        for i in range(1205):
+        log = CommitLog(url=url, storage_options=proxied)
+        log.begin_run({"run": 1})
+        for i in range(40):
             log.append([{"shard": f"s{i % 7}", "rows": i}])
         proxy.stats.clear()
-        resumed = CommitLog(url=f"s3://{bucket}/log", storage_options=proxied)
-        assert resumed.state()["s0"]["rows"] == 1204 and resumed.pending() == 1205
-        lists = proxy.stats["GET"] - 1205 - 1  # every entry and the (absent) pointer are GETs too
-        assert lists == 2, dict(proxy.stats)
+        log.checkpoint()
+        # PUT checkpoint + pointer; LIST log/ and checkpoints/; one bulk DELETE of the 41 entries
+        assert dict(proxy.stats) == {"requests": 5, "PUT": 2, "LIST": 2, "POST": 1}
         proxy.stats.clear()
-        resumed.checkpoint()
-        assert proxy.stats["POST"] == 2, dict(proxy.stats)  # 1205 compacted entries: two bulk deletes
+        log.checkpoint()  # nothing new: nothing written
+        assert proxy.stats["PUT"] == 0 and proxy.stats["POST"] == 0
+    fs = fsspec.filesystem("s3", **options)
+    assert sorted(p.rsplit("/", 1)[-1][:20] for p in fs.find(f"{bucket}/log")) == ["00000000000000000040", "_latest.json"]
+    resumed = CommitLog(url=url, storage_options=options)
+    assert resumed.state() == log.state() and resumed.unclean() and resumed.pending() == 0

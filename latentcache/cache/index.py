@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..errors import LatentcacheError
-from .log import remove_many
+from .log import read_object, remove_many
 
 POINTER = "index.json"
 INDEX_SCHEMA = pa.schema([("hash", pa.uint64()), ("key", pa.string()), ("part", pa.uint32())])
@@ -322,7 +322,7 @@ def run_on_ray(specs: list[dict], groups: list[list[tuple[int, str]]], rank: np.
 
 def read_pointer(url: str, storage_options: dict, partitions: int | None, hash_keys: HashKeys | None) -> Pointer:
     try:
-        pointer = Pointer(**json.loads(storage.read_bytes(storage.join(url, POINTER), storage_options)))
+        pointer = Pointer(**json.loads(read_object(storage.join(url, POINTER), storage_options)))
     except FileNotFoundError:
         if partitions is None or hash_keys is None:
             raise DuplicateIndexError(f"no duplicate index at {url}") from None
@@ -368,7 +368,7 @@ def remove_strays(url: str, storage_options: dict, pointer: Pointer) -> None:
 
 
 def read_parquet(url: str, storage_options: dict) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(url, storage_options)))
+    return pq.read_table(io.BytesIO(read_object(url, storage_options)))
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
