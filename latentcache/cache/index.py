@@ -77,8 +77,10 @@ class Duplicates(dict):
         self.setdefault(path, {})[key] = keeper_shard
         if kept_here:
             self.kept_here.setdefault(path, set()).add(key)
-        elif key in self.kept_here.get(path, ()):
-            self.kept_here[path].discard(key)  # an earlier copy arrived: every row of it here goes
+        elif key in self.kept_here.get(path, ()):  # an earlier copy arrived: every row of it here goes
+            self.kept_here[path].discard(key)
+            if not self.kept_here[path]:
+                del self.kept_here[path]
 
     def relabel(self, keepers: dict[str, str]) -> None:
         """Names the current keeper shard in drops found earlier (a keeper can be displaced)."""
@@ -96,12 +98,19 @@ class Duplicates(dict):
         return mask
 
     def __eq__(self, other: object) -> bool:
-        return dict.__eq__(self, other) and getattr(other, "kept_here", {}) == self.kept_here
+        """A plain dict compares as a dict; two Duplicates compare `kept_here` too."""
+        if not isinstance(other, Duplicates):
+            return dict.__eq__(self, other)
+        return dict.__eq__(self, other) and nonempty(self.kept_here) == nonempty(other.kept_here)
 
     def __ne__(self, other: object) -> bool:
         return not self == other
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like dict
+
+
+def nonempty(kept_here: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {path: keys for path, keys in kept_here.items() if keys}
 
 
 def blake2b_64(keys: list[str]) -> np.ndarray:
@@ -218,16 +227,20 @@ def read_partition(url: str, storage_options: dict, name: str | None) -> pa.Tabl
 
 
 def check_duplicates(*, url: str, storage_options: dict, new: list[PartRef], read_keys: Callable[[str], list[str]],
-                     partitions: int = 256, hash_keys: HashKeys = blake2b_64, map_tasks: int = 64) -> Duplicates:
+                     partitions: int = 256, hash_keys: HashKeys = blake2b_64, map_tasks: int = 64,
+                     use_ray: bool | None = None) -> Duplicates:
     """Indexes the keys of `new` parts; returns every later copy not yet dropped (see the module
-    docstring). `partitions` applies when the index is created; `hash_keys` must match it."""
+    docstring). `partitions` applies when the index is created; `hash_keys` must match it.
+    `use_ray`: None = on Ray when it is initialised; False = inline (a test, a small run)."""
     pointer = read_pointer(url, storage_options, partitions, hash_keys)
     shards, paths = read_parts(url, storage_options, pointer.parts)
     known = len(paths)
     numbers = number_parts(new, shards, paths)
     ordered = sorted(dict.fromkeys(new), key=lambda r: (r.shard, r.path))
     groups = chunks([(numbers[ref.path], ref.path) for ref in ordered], map_tasks)
-    results = run_tasks(pointer, url, storage_options, groups, input_rank(shards, paths), read_keys, hash_keys)
+    on_ray = ray_running() if use_ray is None else use_ray
+    results = run_tasks(pointer, url, storage_options, groups, input_rank(shards, paths), read_keys, hash_keys,
+                        on_ray)
     found, keepers = pointer.duplicates(), {}
     for result in results:
         for part, key, keeper in result.drops:
@@ -285,11 +298,12 @@ def chunks(items: list[Any], count: int) -> list[list[Any]]:
 
 
 def run_tasks(pointer: Pointer, url: str, storage_options: dict, groups: list[list[tuple[int, str]]],
-              rank: np.ndarray, read_keys: Callable[[str], list[str]], hash_keys: HashKeys) -> list[ReduceResult]:
+              rank: np.ndarray, read_keys: Callable[[str], list[str]], hash_keys: HashKeys,
+              on_ray: bool) -> list[ReduceResult]:
     """Map over the groups of new parts, then reduce each partition that received keys."""
     specs = [{"url": url, "storage_options": storage_options, "partition": p,
               "current": pointer.versions.get(str(p))} for p in range(pointer.partitions)]
-    if not ray_running():
+    if not on_ray:
         outputs = [map_parts(group, read_keys, hash_keys, pointer.partitions) for group in groups]
         counts = sum((out[-1] for out in outputs), np.zeros(pointer.partitions, np.int64))
         return [reduce_partition(specs[p], rank, *(out[p] for out in outputs)) for p in np.flatnonzero(counts)]
