@@ -175,14 +175,17 @@ def driver_memory(url: str, shards: int) -> dict[str, Any]:
 
     start_ray()
 
-    process, peak_rss = psutil.Process(), [0]
+    process, peak_rss, peak_private = psutil.Process(), [0], [0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.05):
-            peak_rss[0] = max(peak_rss[0], process.memory_info().rss)
+            info = process.memory_info()
+            peak_rss[0] = max(peak_rss[0], info.rss)
+            peak_private[0] = max(peak_private[0], info.rss - info.shared)  # less mapped files and shm
 
-    rss_before = process.memory_info().rss
+    info = process.memory_info()
+    rss_before, private_before = info.rss, info.rss - info.shared
     sampler = threading.Thread(target=sample, daemon=True)
     tracemalloc.start()
     sampler.start()
@@ -198,7 +201,8 @@ def driver_memory(url: str, shards: int) -> dict[str, Any]:
     return {"keys": shards * KEYS_PER_SHARD, "seconds": round(seconds, 1),
             "resume_100_shards_seconds": round(time.perf_counter() - start, 1),
             "python_peak_mb": round(traced_peak / 2**20, 1), "arrow_pool_mb": round(pa.total_allocated_bytes() / 2**20, 1),
-            "rss_peak_above_start_mb": round(max(0, peak_rss[0] - rss_before) / 2**20, 1)}
+            "rss_peak_above_start_mb": round(max(0, peak_rss[0] - rss_before) / 2**20, 1),
+            "private_peak_above_start_mb": round(max(0, peak_private[0] - private_before) / 2**20, 1)}
 
 
 def run_local(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:

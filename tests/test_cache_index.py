@@ -10,8 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentcache.cache.index import (DuplicateIndexError, Duplicates, PartRef, apply_drops, blake2b_64,
-                                     check_duplicates, map_parts, reduce_partition)
+from latentcache.cache.index import (
+    DuplicateIndexError,
+    Duplicates,
+    PartRef,
+    apply_drops,
+    blake2b_64,
+    check_duplicates,
+    map_parts,
+    partition_slices,
+    reduce_partition,
+)
 
 
 class Corpus:
@@ -173,9 +182,10 @@ def test_random_arrivals_match_brute_force(tmp_path, on_ray):
 def test_map_and_reduce_are_plain_functions(tmp_path):
     corpus = Corpus(tmp_path / "parts")
     ref = corpus.part("a", "0", ["x", "y", "x"])
-    *tables, counts = map_parts([(0, ref.path)], read_keys, blake2b_64, 2)
-    assert counts.sum() == 3 and sum(t.num_rows for t in tables) == 3
-    spec = {"url": str(tmp_path / "index"), "storage_options": {}, "partition": 0, "current": None}
+    table, counts = map_parts([(0, ref.path)], read_keys, blake2b_64, 2)
+    assert counts.sum() == table.num_rows == 3
     x_partition = int(blake2b_64(["x"])[0] % 2)
-    result = reduce_partition({**spec, "partition": x_partition}, np.array([0]), tables[x_partition])
+    spec = {"url": str(tmp_path / "index"), "storage_options": {}, "partition": x_partition, "current": None,
+            "slices": partition_slices([counts], x_partition)}
+    result = reduce_partition(spec, np.array([0]), table)
     assert result.drops == [(0, "x", 0)] and result.version.startswith(f"partitions/p{x_partition:05d}-")

@@ -72,6 +72,8 @@ def test_a_schema_shapes_the_checkpoint_and_refuses_unknown_fields(tmp_path):
         log.append([{"shard": "b", "rows": 1, "typo": 1}])
     with pytest.raises(LogError, match="shard"):
         log.append([{"rows": 1}])
+    with pytest.raises(LogError, match="shard"):
+        CommitLog(url=str(tmp_path / "other"), storage_options={}, schema=pa.schema([("rows", pa.int64())]))
 
 
 def test_runs_begin_end_and_unclean_survive_compaction(tmp_path):
@@ -98,6 +100,7 @@ def test_nothing_new_writes_nothing_and_strays_are_ignored_then_removed(tmp_path
         log.append([record(f"s{i}", i)])
     first = log.checkpoint()
     listing = files_under(root)
+    log.append([])
     assert log.checkpoint() == first and files_under(root) == listing
     # What kills leave: a checkpoint no pointer names, a compacted entry, a half-written local file.
     (root / "checkpoints" / "00000000000000000099-deadbeef.parquet").write_bytes(b"half")
@@ -148,7 +151,7 @@ def test_a_sigkill_at_any_write_loses_only_the_unfinished_append(tmp_path, kill_
     """Writes: begin, then (append, append, checkpoint file, pointer) x3, end, checkpoint, pointer;
     kill_at 17: no kill."""
     url = str(tmp_path / "log")
-    child = subprocess.run([sys.executable, "-c", KILL_SCRIPT, url, str(kill_at)], capture_output=True, text=True,
+    child = subprocess.run([sys.executable, "-c", KILL_SCRIPT, url, str(kill_at)], capture_output=True, text=True, check=False,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     done = [int(line) for line in child.stdout.split()]
     assert child.returncode == (-signal.SIGKILL if kill_at <= 16 else 0), child.stderr
@@ -209,6 +212,7 @@ def test_checkpoint_requests_and_compaction_on_s3(s3, s3_server):
         log.checkpoint()  # nothing new: nothing written
         assert proxy.stats["PUT"] == 0 and proxy.stats["POST"] == 0
     fs = fsspec.filesystem("s3", **options)
-    assert sorted(p.rsplit("/", 1)[-1][:20] for p in fs.find(f"{bucket}/log")) == ["00000000000000000040", "_latest.json"]
+    names = sorted(p.rsplit("/", 1)[-1][:20] for p in fs.find(f"{bucket}/log"))
+    assert names == ["00000000000000000040", "_latest.json"]
     resumed = CommitLog(url=url, storage_options=options)
     assert resumed.state() == log.state() and resumed.unclean() and resumed.pending() == 0

@@ -35,8 +35,9 @@ import math
 import posixpath
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -141,17 +142,21 @@ class Pointer:
 
 
 def map_parts(parts: list[tuple[int, str]], read_keys: Callable[[str], list[str]], hash_keys: HashKeys,
-              partitions: int) -> list[pa.Table]:
-    """The keys of some parts as (hash, key, part, row) tables, one per partition, plus the counts
-    (a last item, an int array) that let the driver skip partitions that received nothing."""
+              partitions: int) -> tuple[pa.Table, np.ndarray]:
+    """The keys of some parts as one (hash, key, part, row) table sorted by partition, and the row
+    count of each partition (which lets the driver skip partitions that received nothing).
+    One table, not one per partition: Ray keeps small task results in the driver's own memory,
+    and P small pieces per map task would put every key there."""
     tables = [part_table(number, read_keys(path), hash_keys) for number, path in parts]
     whole = pa.concat_tables(tables) if tables else part_table(0, [], hash_keys)
     bucket = whole["hash"].to_numpy() % np.uint64(partitions)
     order = np.argsort(bucket, kind="stable")
-    counts = np.bincount(bucket.astype(np.int64), minlength=partitions)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    ordered = whole.take(pa.array(order))
-    return [ordered.slice(starts[p], counts[p]) for p in range(partitions)] + [counts]
+    return whole.take(pa.array(order)), np.bincount(bucket.astype(np.int64), minlength=partitions)
+
+
+def partition_slices(counts: list[np.ndarray], partition: int) -> list[tuple[int, int]]:
+    """(offset, length) of `partition` in each map output."""
+    return [(int(c[:partition].sum()), int(c[partition])) for c in counts]
 
 
 def part_table(number: int, keys: list[str], hash_keys: HashKeys) -> pa.Table:
@@ -167,10 +172,11 @@ class ReduceResult:
     drops: list[tuple[int, str, int]]  # (part holding a later copy, key, part holding the kept copy)
 
 
-def reduce_partition(spec: dict[str, Any], rank: np.ndarray, *new_tables: pa.Table) -> ReduceResult:
+def reduce_partition(spec: dict[str, Any], rank: np.ndarray, *map_outputs: pa.Table) -> ReduceResult:
     """Merges one partition's new keys with its current version. `spec`: url, storage_options,
-    partition, current (file name or None). `rank`: each part's place in input order."""
-    new = pa.concat_tables(new_tables)
+    partition, current (file name or None), slices ((offset, length) of the partition in each map
+    output). `rank`: each part's place in input order."""
+    new = pa.concat_tables([t.slice(*where) for t, where in zip(map_outputs, spec["slices"])])
     old = read_partition(spec["url"], spec["storage_options"], spec["current"])
     new_hash, old_hash = new["hash"].to_numpy(), old["hash"].to_numpy()
     unique, counts = np.unique(new_hash, return_counts=True)
@@ -275,7 +281,8 @@ def number_parts(new: list[PartRef], shards: list[str], paths: list[str]) -> dic
     position = {path: i for i, path in enumerate(paths)}
     for ref in sorted(new, key=lambda r: (r.shard, r.path)):
         if ref.path in position and shards[position[ref.path]] != ref.shard:
-            raise DuplicateIndexError(f"part {ref.path} is indexed for shard {shards[position[ref.path]]}, not {ref.shard}")
+            owner = shards[position[ref.path]]
+            raise DuplicateIndexError(f"part {ref.path} is indexed for shard {owner}, not {ref.shard}")
         if ref.path not in position:
             position[ref.path] = len(paths)
             shards.append(ref.shard)
@@ -303,10 +310,12 @@ def run_tasks(pointer: Pointer, url: str, storage_options: dict, groups: list[li
     """Map over the groups of new parts, then reduce each partition that received keys."""
     specs = [{"url": url, "storage_options": storage_options, "partition": p,
               "current": pointer.versions.get(str(p))} for p in range(pointer.partitions)]
+    if not groups:
+        return []
     if not on_ray:
-        outputs = [map_parts(group, read_keys, hash_keys, pointer.partitions) for group in groups]
-        counts = sum((out[-1] for out in outputs), np.zeros(pointer.partitions, np.int64))
-        return [reduce_partition(specs[p], rank, *(out[p] for out in outputs)) for p in np.flatnonzero(counts)]
+        tables, counts = zip(*(map_parts(group, read_keys, hash_keys, pointer.partitions) for group in groups))
+        touched = np.flatnonzero(sum(counts))
+        return [reduce_partition({**specs[p], "slices": partition_slices(counts, p)}, rank, *tables) for p in touched]
     return run_on_ray(specs, groups, rank, read_keys, hash_keys)
 
 
@@ -322,12 +331,12 @@ def run_on_ray(specs: list[dict], groups: list[list[tuple[int, str]]], rank: np.
                read_keys: Callable[[str], list[str]], hash_keys: HashKeys) -> list[ReduceResult]:
     import ray
 
-    partitions = len(specs)
-    mapper = ray.remote(map_parts).options(num_returns=partitions + 1)
-    outputs = [mapper.remote(group, read_keys, hash_keys, partitions) for group in groups]
-    counts = sum(ray.get([out[-1] for out in outputs]), np.zeros(partitions, np.int64))
+    mapper = ray.remote(map_parts).options(num_returns=2)
+    tables, count_refs = zip(*(mapper.remote(group, read_keys, hash_keys, len(specs)) for group in groups))
+    counts = ray.get(list(count_refs))
     rank_ref, reducer = ray.put(rank), ray.remote(reduce_partition)
-    pending = [reducer.remote(specs[p], rank_ref, *(out[p] for out in outputs)) for p in np.flatnonzero(counts)]
+    pending = [reducer.remote({**specs[p], "slices": partition_slices(counts, p)}, rank_ref, *tables)
+               for p in np.flatnonzero(sum(counts))]
     return ray.get(pending)
 
 

@@ -56,6 +56,8 @@ class LogError(LatentcacheError):
 
 class CommitLog:
     def __init__(self, *, url: str, storage_options: dict, schema: pa.Schema | None = None) -> None:
+        if schema is not None and schema.names.count("shard") != 1:
+            raise LogError("a commit log schema needs one 'shard' field")
         self.url, self.storage_options, self.schema = url.rstrip("/"), storage_options, schema
         self._loaded = False
         self._records: dict[str, dict] = {}
@@ -68,6 +70,8 @@ class CommitLog:
     def append(self, records: list[dict]) -> None:
         """Stores a batch of shard records as one log object; later records of a shard win."""
         records = [self._normalize(r) for r in records]
+        if not records:
+            return
         self._write_entry({"kind": "commit", "records": records})
         self._records.update((r["shard"], r) for r in records)
 
