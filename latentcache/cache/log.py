@@ -290,12 +290,15 @@ def table_from_records(records: list[dict]) -> pa.Table:
 
 
 def records_from_table(table: pa.Table, *, schemaless: bool) -> list[dict]:
-    rows = table.to_pylist()
+    """Rows as dicts; column by column, JSON text decoded in one call per column (fast at 10^5 rows)."""
     if not schemaless:
-        return rows
-    json_columns = json.loads((table.schema.metadata or {}).get(JSON_COLUMNS_KEY, b"[]"))
-    for row in rows:
-        for name in json_columns:
-            if row[name] is not None:
-                row[name] = json.loads(row[name])
-    return [{k: v for k, v in row.items() if v is not None} for row in rows]
+        return table.to_pylist()
+    json_columns = set(json.loads((table.schema.metadata or {}).get(JSON_COLUMNS_KEY, b"[]")))
+    columns = []
+    for name in table.column_names:
+        values = table.column(name).to_pylist()
+        if name in json_columns:
+            values = json.loads("[" + ",".join("null" if v is None else v for v in values) + "]")
+        columns.append(values)
+    names = table.column_names
+    return [{k: v for k, v in zip(names, row) if v is not None} for row in zip(*columns)]
