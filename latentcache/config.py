@@ -96,7 +96,7 @@ class EncodeConfig:
     channels_last: bool = opt(False, "Run the encoder in channels_last memory format (faster convs on many GPUs/CPUs).", group="performance")
     compile: bool = opt(False, "torch.compile the encoder (one compile per image shape; pays off on long runs).", group="performance")
     format: str = opt("parquet", "Output file format, one file per input shard.", choices=("parquet", "safetensors"), group="output")
-    tensor_layout: str = opt("fixed_shape_tensor", "Parquet latent layout: canonical Arrow tensor or nested lists (HF datasets).", choices=("fixed_shape_tensor", "nested"), group="output")
+    tensor_layout: str = opt("nested", "Parquet latent layout: nested lists (any reader, Hugging Face datasets, any shapes) or the canonical Arrow tensor (ray.data.read_parquet gives [B, C, h, w]).", choices=("nested", "fixed_shape_tensor"), group="output")
     num_encoders: int = opt(None, "Encoder actors; default: one per GPU, or 1 on CPU.", group="cluster")
     decode_cpus: float = opt(1.0, "CPUs reserved by each decode/preprocess task.", group="cluster")
     encoder_threads: int = opt(None, "torch threads per CPU encoder actor; default: the node's cores.", group="cluster")

@@ -1,8 +1,8 @@
-"""The one place that wires Ray: read -> preprocess -> encode -> write fragments -> commit per shard.
+"""The one place that wires Ray: read -> preprocess -> encode -> write parts -> commit per shard.
 
 Every stage is a plain function or class from its own module; this module only decides where
 each runs (CPU tasks for reading and decoding, an actor pool for the encoder, small CPU tasks
-for fragments and commits) and keeps the per-shard ledger on the driver.
+that write the final part files) and drives the commit protocol of `latentcache.cache` on the driver.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
@@ -21,16 +21,23 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from tqdm import tqdm
 
-from . import dedupe, finalize, storage
+from . import storage
 from .console import plan_lines, quiet_ray_data
 from .buckets import BucketPlanner, bucket_identity, preprocess_bucketed
-from .config import EncodeConfig
+from .cache.claim import claim_output
+from .cache.commit import Committer, ShardLedger, fail_shard, remove_unnamed
+from .cache.duplicates import settle_duplicates
+from .cache.finalize import write_run_outputs
+from .cache.layout import Layout
+from .cache.log import CommitLog
+from .cache.records import COMMITTED
+from .cache.writer import WriteSpec, write_block
+from .config import EncodeConfig, public_dict
 from .encode import EncodeSpec, LatentEncoder
-from .manifest import CacheLayout, claim_output
+from .manifest import library_versions
 from .models import ModelSpec, check_options, compute_dtype, hub_env, latent_space_for, load_vae, weights_sha256
 from .preprocess import PreprocessSpec, preprocess_batch
-from .sinks import CommitSpec, commit_shard, write_fragments
-from .sources import ShardRef, SourceOptions, plan_shards, preflight, read_shard_blocks
+from .sources import ShardRef, SourceOptions, plan_shards, preflight, read_shard_blocks, shard_base
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +63,6 @@ class ShardDatasource(Datasource):
         return [ReadTask(functools.partial(read_shard_blocks, s, self.options, rows_per_block=self.rows_per_block),
                          BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(s.url,)))
                 for s in self.shards]
-
-
-@dataclass
-class ShardLedger:
-    """Counts each shard's rows as fragments arrive; says when a shard is complete."""
-
-    fragments: dict[str, list[str]] = field(default_factory=dict)
-    seen: dict[str, int] = field(default_factory=dict)
-    expected: dict[str, int] = field(default_factory=dict)
-    status: dict[str, tuple[str, str | None]] = field(default_factory=dict)
-
-    def add(self, meta: dict[str, Any]) -> str | None:
-        shard = meta["shard"]
-        self.fragments.setdefault(shard, []).append(meta["fragment"])
-        self.seen[shard] = self.seen.get(shard, 0) + meta["rows"]
-        if meta["shard_rows"] is not None:
-            self.expected[shard] = meta["shard_rows"]
-            self.status[shard] = (meta["shard_status"], meta["shard_error"])
-        return shard if self.seen[shard] == self.expected.get(shard, -1) else None
 
 
 @dataclass(frozen=True)
@@ -132,10 +120,11 @@ def encoded_dataset(cfg: EncodeConfig, shards: list[ShardRef], placement: Placem
     return ds
 
 
-def build_dataset(cfg: EncodeConfig, shards: list[ShardRef], layout: CacheLayout, placement: Placement) -> ray.data.Dataset:
+def build_dataset(cfg: EncodeConfig, shards: list[ShardRef], spec: WriteSpec, placement: Placement) -> ray.data.Dataset:
+    """Encoded rows re-batched (bounding the parts per shard) into the writer tasks."""
     return encoded_dataset(cfg, shards, placement).map_batches(
-        write_fragments, fn_kwargs={"staging": layout.staging, "storage_options": cfg.storage_options},
-        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+        write_block, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=max(cfg.rows_per_block, cfg.batch_size),
+        num_cpus=0.25)
 
 
 def iter_mapped(ds: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> Iterator[dict[str, Any]]:
@@ -155,80 +144,67 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     space = latent_space_for(vae, cfg).to_dict()
     dtype = str(compute_dtype(vae.config, cfg.dtype, cfg.no_upcast)).removeprefix("torch.")
     del vae
-    layout = CacheLayout(cfg.output, cfg.storage_options)
+    layout = Layout(cfg.output, cfg.storage_options)
     run_identity = {**identity(cfg, weights_sha256(cfg.model, cfg.model_subfolder), family.name, space),
                     "compute_dtype": dtype}
     claim_output(layout, run_identity, overwrite=cfg.overwrite)
-    layout.clear_staging()
-    records = layout.committed_records()
-    skipped = {s.id for s in shards if s.id in records}  # committed by an earlier run: a resume skips them
-    todo = [s for s in shards if s.id not in records]
-    failed: dict[str, str] = {}
-    known: dict[str, list[dict[str, Any]]] = {}  # failed shard -> the keys read before it failed
+    commit_log = CommitLog(url=layout.log_url, storage_options=cfg.storage_options)
+    records = commit_log.state()
+    after_kill = commit_log.unclean()
+    if after_kill:
+        remove_unnamed(layout, records)
+    storage.remove_partial_files(cfg.output, cfg.storage_options)
+    todo = [s for s in shards if records.get(s.id, {}).get("status") != COMMITTED]
+    if todo or after_kill:
+        commit_log.begin_run({"started": started, "shards": len(todo)})
     if todo:
         ensure_ray()
-        spec = CommitSpec(output=cfg.output, format=cfg.format, tensor_layout=cfg.tensor_layout, space=space,
-                          storage_options=cfg.storage_options, bucketed=bool(cfg.buckets))
         placement = plan_placement(cfg)
         print(plan_lines(cfg, len(shards), len(todo), placement), flush=True)
-        records.update(drive(build_dataset(cfg, todo, layout, placement), todo, spec, layout, failed, progress, known))
-    layout.clear_staging()
-    records = dedupe.drop_cross_shard_duplicates(layout, records, shards, fmt=cfg.format, space=space,
-                                                 store_dtype=cfg.store_dtype)
-    summary = finalize.write_run_outputs(layout, cfg, run_identity, shards, records, failed, time.time() - started, known)
-    return {**summary, "skipped_shards": len(skipped),
-            "encoded_input": sum(r.get("input", 0) for s, r in records.items() if s not in skipped)}
+        spec = WriteSpec(root=cfg.output, storage_options=cfg.storage_options, format=cfg.format,
+                         tensor_layout=cfg.tensor_layout, store_dtype=cfg.store_dtype, space=space,
+                         bucketed=bool(cfg.buckets), base=shard_base([s.url for s in shards]))
+        drive(build_dataset(cfg, todo, spec, placement), todo, Committer(layout, commit_log), cfg.format, progress)
+    settle_duplicates(layout, commit_log, fmt=cfg.format, space=space, after_kill=after_kill)
+    if todo or after_kill:
+        commit_log.end_run({"finished": time.time()})
+    run = {**run_identity, "config": public_dict(cfg), "versions": library_versions()}
+    out = write_run_outputs(layout, commit_log, run, [s.id for s in shards])
+    return {"output": cfg.output, "manifest": layout.url(layout.manifest), "stats": layout.url(layout.stats),
+            "errors": layout.url(layout.errors_dir), "shards": len(shards), **out,
+            "seconds": round(time.time() - started, 2), "skipped_shards": len(shards) - len(todo),
+            "encoded_input": encoded_input(commit_log.state(), todo)}
 
 
-def drive(ds: ray.data.Dataset, todo: list[ShardRef], spec: CommitSpec, layout: CacheLayout,
-          failed: dict[str, str], progress: bool, known: dict[str, list[dict[str, Any]]] | None = None,
-          ) -> dict[str, dict[str, Any]]:
-    """Consumes fragment metadata, commits each shard once all its rows are in, records it."""
+def encoded_input(records: dict[str, dict[str, Any]], todo: list[ShardRef]) -> int:
+    """Inputs of the shards this run worked on (a resume's throughput leaves out what it skipped)."""
+    return sum(records.get(s.id, {}).get("input", 0) for s in todo)
+
+
+def drive(ds: ray.data.Dataset, todo: list[ShardRef], committer: Committer, fmt: str, progress: bool) -> None:
+    """Consumes the writers' metadata rows; commits each shard once all its rows are in."""
     names = {s.id: s.name for s in todo}
-    ledger, pending, records = ShardLedger(), {}, {}
-    commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
+    ledger, done = ShardLedger(), set()
     bar = tqdm(total=len(todo), unit="shard", desc="shards", disable=not progress)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for meta in batch.to_pylist():
             shard = ledger.add(meta)
-            if shard is None:
-                continue
-            status, error = ledger.status[shard]
-            if status == "failed":
-                failed[shard] = error
-                if known is not None:
-                    known[shard] = finalize.fragment_keys(ledger.fragments[shard], layout.storage_options)
-                storage.remove(ledger.fragments[shard], layout.storage_options)
+            if shard is not None:
+                committer.add(finished(committer.layout, ledger.record(shard, names[shard]), fmt))
+                done.add(shard)
                 bar.update()
-                continue
-            pending[commit.remote(shard=shard, name=names[shard], fragments=ledger.fragments[shard], spec=spec)] = shard
-        records.update(collect(pending, ledger, layout, bar, wait=False))
-    records.update(collect(pending, ledger, layout, bar, wait=True))
+    for shard in sorted(set(names) - done):  # rows lost in the pipeline: the shard is failed, its parts go
+        record = ledger.record(shard, names[shard])
+        committer.add(fail_shard(committer.layout, record, fmt, "shard never completed (rows missing from the pipeline)"))
+    committer.flush()
     bar.close()
-    for shard in set(names) - set(records) - set(failed):
-        status, error = ledger.status.get(shard, (None, None))
-        failed[shard] = error if status == "failed" else "shard never completed (rows missing from the pipeline)"
-    return records
 
 
-def collect(pending: dict, ledger: ShardLedger, layout: CacheLayout, bar: tqdm, *, wait: bool) -> dict[str, dict[str, Any]]:
-    """Writes the record of each finished commit (the resume point), so a crash never loses it."""
-    done: dict[str, dict[str, Any]] = {}
-    refs = list(pending)
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0) if refs else ([], [])
-    for ref in ready:
-        shard = pending.pop(ref)
-        try:
-            record = ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:  # storage still failing after its retries: report the shard, go on
-            ledger.status[shard] = ("failed", f"commit failed: {storage.describe(exc.cause or exc)}")
-            bar.update()
-            continue
-        record.update(input=ledger.expected[shard], shard_status=ledger.status[shard][0], shard_error=ledger.status[shard][1])
-        layout.write_json(record, "_state", "shards", record["name"] + ".json")
-        done[shard] = record
-        bar.update()
-    return done
+def finished(layout: Layout, record: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """A complete shard's record; an unreadable one (marker status failed) is failed with error rows."""
+    if record["status"] == COMMITTED:
+        return record
+    return fail_shard(layout, record, fmt, record.get("shard_error") or "shard failed")
 
 
 def cluster_started_here() -> bool:

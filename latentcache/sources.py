@@ -303,14 +303,26 @@ def _common_dir(urls: list[str]) -> str:
     return posixpath.commonpath([posixpath.dirname(u) for u in urls]) if len(urls) > 1 else posixpath.dirname(urls[0])
 
 
+def output_name(shard_id: str, base: str) -> str:
+    """A shard's output name: its path below `base` without extension (a folder chunk: its part name)."""
+    if "#" in shard_id:
+        return shard_id.rsplit("#", 1)[1]
+    return safe_name(posixpath.splitext(posixpath.relpath(shard_id, base))[0])
+
+
 def plan_shards(pattern: str, fmt: str, storage_options: dict[str, Any]) -> list[ShardRef]:
     urls = storage.expand_inputs(pattern, storage_options)
     fmt = detect_format(urls) if fmt == "auto" else fmt
     if fmt == "folder":
         return _folder_chunks(pattern, urls)
     urls = [u for u in urls if SUFFIX_FORMATS.get(posixpath.splitext(u)[1].lower()) == fmt] or urls
-    base = _common_dir(urls)
-    return [ShardRef(u, safe_name(posixpath.splitext(posixpath.relpath(u, base))[0]), fmt) for u in urls]
+    base = shard_base(urls)
+    return [ShardRef(u, output_name(u, base), fmt) for u in urls]
+
+
+def shard_base(urls: list[str]) -> str:
+    """The folder output names are relative to (folder chunks name themselves)."""
+    return _common_dir(urls) if urls else ""
 
 
 def _folder_chunks(pattern: str, urls: list[str]) -> list[ShardRef]:

@@ -36,6 +36,8 @@ class FaultProxy:
         self.rate, self.seed, self.max_failures = rate, seed, max_failures
         self.outage: set[str] = set()
         self.stats: Counter[str] = Counter()
+        self.put_bytes: Counter[str] = Counter()  # request path -> bytes uploaded to it
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in arrival order
         self._attempts: Counter[str] = Counter()
         self._failures: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -54,6 +56,14 @@ class FaultProxy:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def count(self, method: str, target: str, body: bytes) -> None:
+        """Requests per method and bytes uploaded per path prefix (a write-amplification probe)."""
+        with self._lock:
+            self.stats[f"method:{method}"] += 1
+            self.requests.append((method, urlsplit(target).path))
+            if method in ("PUT", "POST"):
+                self.put_bytes[urlsplit(target).path] += len(body)
 
     def decide(self, method: str, target: str, range_header: str) -> tuple | None:
         """The fault for this request, or None to forward it."""
@@ -126,6 +136,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                proxy.count(self.command, self.path, body)
                 fault = proxy.decide(self.command, self.path, self.headers.get("Range", ""))
                 if fault is None:
                     self._forward(body)

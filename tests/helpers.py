@@ -11,8 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from latentcache.cache.formats import column_to_numpy
+from latentcache.cache.layout import META
+from latentcache.cache.reader import Cache
 from latentcache.cli import main
-from latentcache.sinks import column_to_numpy
 
 
 def encode(capsys=None, **flags: Any) -> int:
@@ -28,8 +30,8 @@ def encode(capsys=None, **flags: Any) -> int:
 
 
 def read_cache(out: Path) -> pa.Table:
-    files = sorted(p for p in Path(out).rglob("*.parquet") if not p.name.startswith("_") and "_state" not in p.parts)
-    return pa.concat_tables([pq.read_table(p) for p in files])
+    """Every committed row of a Parquet cache: the part files its shard records name."""
+    return pa.concat_tables([pq.read_table(Path(out) / f.path) for f in Cache(str(out)).files])
 
 
 def latents(table: pa.Table, column: str = "latent") -> np.ndarray:
@@ -37,11 +39,16 @@ def latents(table: pa.Table, column: str = "latent") -> np.ndarray:
 
 
 def manifest(out: Path) -> dict:
-    return json.loads((Path(out) / "_manifest.json").read_text())
+    """The manifest, with `shards` (output name -> record, its parts also as `files`) from the shard table."""
+    return Cache(str(out)).manifest
+
+
+def stats(out: Path) -> dict:
+    return json.loads((Path(out) / META / "stats.json").read_text())
 
 
 def errors(out: Path) -> pa.Table:
-    return pq.read_table(Path(out) / "_errors.parquet")
+    return Cache(str(out)).errors()
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -50,3 +57,10 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def named_files(out: Path) -> set[str]:
+    """Part and error files the shard records name (everything else under data/ or errors/ is a stray)."""
+    cache = Cache(str(out))
+    records = cache.all_records.values()
+    return {p["path"] for r in records for p in r.get("parts", [])} | {e for r in records for e in r.get("errors", [])}

@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL
 from latentcache.samples import write_tar
 
 from .helpers import encode, errors, latents, manifest, png_bytes, read_cache
+from .helpers import stats as read_stats
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,7 @@ def test_manifest_counts_reconcile(mixed_cache):
 
 
 def test_stats_equal_numpy_over_the_cache(mixed_cache):
-    import json
-
-    stats = json.loads((mixed_cache / "_stats.json").read_text())
+    stats = read_stats(mixed_cache)
     raw = latents(read_cache(mixed_cache)).astype(np.float64) / stats["latent_space"]["scaling_factor"]
     np.testing.assert_allclose(stats["channel_mean"], raw.mean(axis=(0, 2, 3)), rtol=1e-9)
     np.testing.assert_allclose(stats["channel_std"], raw.std(axis=(0, 2, 3)), rtol=1e-9)
@@ -105,27 +104,6 @@ def test_per_key_noise_is_bitwise_stable_whatever_the_batch():
     assert torch.equal(together[1], alone[0])
     assert not torch.equal(together[0], together[1])
     assert not torch.equal(per_key_noise(["b"], (4, 2, 2), seed=4)[0], alone[0])
-
-
-def test_fixed_shape_tensor_layout_reads_with_ray_data(mixed_cache, ray_session):
-    import ray.data
-
-    ds = ray.data.read_parquet(str(mixed_cache / "shard-00000.parquet"))
-    batch = next(iter(ds.iter_batches(batch_size=5, batch_format="numpy")))
-    assert batch["latent"].shape == (5, 4, 8, 8)
-    np.testing.assert_array_equal(np.sort(batch["latent"].reshape(5, -1), axis=0),
-                                  np.sort(latents(read_cache(mixed_cache)).reshape(5, -1), axis=0))
-
-
-def test_nested_layout_reads_with_hf_datasets(ray_session, kl_model, mixed_shard, tmp_path):
-    import datasets
-
-    out = tmp_path / "nested"
-    assert encode(input=mixed_shard[0], output=out, model=kl_model, resolution=64, tensor_layout="nested") == 0
-    ds = datasets.load_dataset("parquet", data_files=str(out / "shard-00000.parquet"), split="train").with_format("torch")
-    assert len(ds) == 5
-    assert tuple(ds[0]["latent"].shape) == (4, 8, 8)
-    np.testing.assert_allclose(ds[0]["latent"].numpy(), latents(read_cache(out))[0].astype(np.float32))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -20,8 +20,10 @@ import pytest
 
 from latentcache.samples import make_shards, make_vae
 
+from latentcache.cache.layout import META
+
 from .faultproxy import FaultProxy
-from .helpers import encode, errors, manifest, read_cache
+from .helpers import encode, errors, manifest, named_files, read_cache
 
 ENCODER_PROCESS = "ray::MapWorker(MapBatches(LatentEncoder))"
 # The encode subprocesses start their own small local Ray, never join one running on this machine.
@@ -119,10 +121,9 @@ def assert_exactly_once(out: Path, keys: set[str]) -> dict:
 def assert_no_leftovers(out: Path, m: dict) -> None:
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert not [f for f in files if Path(f).name.startswith(".tmp-")], "partial files left"
-    assert not [f for f in files if f.startswith("_staging")], "staging not cleared"
-    data = {f for f in files if not f.startswith(("_state", "_manifest", "_errors", "_stats"))}
-    listed = {f["path"] for shard in m["shards"].values() for f in shard["files"]}
-    assert data == listed, "orphaned or missing data files"
+    assert not [f for f in files if not f.startswith(("data/", META))], "files outside data/ and the metadata folder"
+    stored = {f for f in files if f.startswith(("data/", f"{META}/errors/"))}
+    assert stored == named_files(out), "orphaned or missing data/error files"
 
 
 @pytest.fixture(scope="module")
@@ -144,21 +145,36 @@ def test_driver_sigkilled_twice_then_resume_is_exactly_once(small_shards, kl_mod
     log = tmp_path / "encode.log"
 
     early = EncodeProcess(log, **flags)  # very early: the output is claimed, no shard started
-    early.wait_for(lambda: (out / "_state" / "run.json").exists())
+    early.wait_for(lambda: (out / META / "run.json").exists())
     early.kill_driver()
 
-    mid = EncodeProcess(log, **flags)  # mid-run: right after the first shard is committed
-    records = out / "_state" / "shards"
-    mid.wait_for(lambda: any(records.glob("*.json")))
+    mid = EncodeProcess(log, **flags)  # mid-run: right after the first shards are committed
+    mid.wait_for(lambda: bool(committed_entries(out)))
     mid.kill_driver()
-    assert not (out / "_manifest.json").exists(), "the kill must land before the run ends"
-    committed = {p.name: p.stat().st_mtime_ns for p in records.glob("*.json")}
+    assert not (out / META / "manifest.json").exists(), "the kill must land before the run ends"
+    visible = {p: (out / p).stat().st_mtime_ns for p in committed_parts(out)}
+    assert visible
 
     assert EncodeProcess(log, **flags).finish() == 0, log.read_text()[-3000:]
     m = assert_exactly_once(out, shard_keys(small_shards))
     assert len(m["shards"]) == 4
-    for name, mtime in committed.items():  # resumed: what was committed before the kill was not redone
-        assert (records / name).stat().st_mtime_ns == mtime
+    for path, mtime in visible.items():  # resumed: what was committed before the kill was not redone
+        assert (out / path).stat().st_mtime_ns == mtime
+
+
+def committed_entries(out: Path) -> list[dict]:
+    """The commit log's entries that commit shards (what a reader could see so far)."""
+    entries = []
+    for path in sorted((out / META / "log" / "log").glob("*.json")):
+        try:
+            entries.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return [e for e in entries if e.get("kind") == "commit"]
+
+
+def committed_parts(out: Path) -> set[str]:
+    return {p["path"] for e in committed_entries(out) for r in e["records"] for p in r.get("parts", [])}
 
 
 # ---- 2. an encoder worker process killed mid-run --------------------------------------------
@@ -171,12 +187,12 @@ def worker_fault_run(ray_session, small_shards, kl_model, tmp_path_factory):
     killed: dict[str, object] = {}
 
     def kill_encoder_once_busy() -> None:
-        while not killed and not (out / "_manifest.json").exists():
-            busy = (out / "_staging").exists() and any(p.is_file() for p in (out / "_staging").rglob("*"))
+        while not killed and not (out / META / "manifest.json").exists():
+            busy = (out / "data").exists() and any(p.is_file() for p in (out / "data").rglob("*"))
             encoders = [pid for pid in descendants(os.getpid()) if cmdline(pid).startswith(ENCODER_PROCESS)]
             if busy and encoders:
                 os.kill(encoders[0], signal.SIGKILL)
-                killed.update(pid=encoders[0], run_finished=(out / "_manifest.json").exists())
+                killed.update(pid=encoders[0], run_finished=(out / META / "manifest.json").exists())
             time.sleep(0.05)
 
     watcher = threading.Thread(target=kill_encoder_once_busy, daemon=True)
@@ -225,10 +241,13 @@ def test_pickle_checkpoints_refused_unless_allowed(tmp_path, small_shards, capsy
     for model in (tmp_path / "pickled", tmp_path / "vae.ckpt"):
         assert encode(input=small_shards[0], output=tmp_path / "out", model=model, resolution=64) == 2
         assert "pickle" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "_state").exists()
+    assert not (tmp_path / "out" / META).exists()
 
 
 # ---- 4. object-store faults ----------------------------------------------------------------
+
+
+MANIFEST = f"cache/{META}/manifest.json"
 
 
 def s3_objects(bucket: str, endpoint: str, prefix: str) -> dict[str, bytes]:
@@ -250,7 +269,7 @@ def test_storage_faults_are_retried_and_a_failing_shard_is_reported(ray_session,
                      resolution=64, batch_size=4, storage_options=faulty)
         proxy.outage.add("/in/shard-00001.tar")  # this shard's object fails every time
         assert encode(**flags) == 3
-        first = json.loads(s3_objects(bucket, s3_server, "cache/_manifest.json")["cache/_manifest.json"])
+        first = json.loads(s3_objects(bucket, s3_server, MANIFEST)[MANIFEST])
         assert not first["complete"] and list(first["failed_shards"]) == [f"s3://{bucket}/in/shard-00001.tar"]
         assert "read failed" in first["failed_shards"][f"s3://{bucket}/in/shard-00001.tar"]
         assert first["counts"]["written"] == 12 and first["counts"]["input"] == 12
@@ -260,8 +279,8 @@ def test_storage_faults_are_retried_and_a_failing_shard_is_reported(ray_session,
         assert encode(**flags) == 0
         faults = {k: v for k, v in proxy.stats.items() if k not in ("requests", "outage")}
     objects = s3_objects(bucket, s3_server, "cache/")
-    m = json.loads(objects["cache/_manifest.json"])
-    assert m["complete"] and not m["failed_shards"] and len(m["shards"]) == 3
+    m = json.loads(objects[MANIFEST])
+    assert m["complete"] and not m["failed_shards"] and m["committed_shards"] == 3
     local = tmp_path / "copy"
     for key, data in objects.items():
         (local / key).parent.mkdir(parents=True, exist_ok=True)
