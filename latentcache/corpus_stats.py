@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from . import storage
 from .config import ConfigError, EncodeConfig, opt
-from .latent_space import LatentSpace
+from .latent_space import LatentSpace, patch_bn_fragment
 from .stats import Moments, merge_all, summary
 
 _ENCODE_FIELDS = {f.name: f for f in dataclasses.fields(EncodeConfig)}
@@ -296,6 +296,7 @@ CONFIG_FRAGMENTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "shift_scale": lambda s: {"scaling_factor": s["scaling_factor"], "shift_factor": s["shift_factor"]},
     # per-channel standardisation does all the scaling, so the global factor is 1
     "per_channel": lambda s: {"scaling_factor": 1.0, "latents_mean": s["latents_mean"], "latents_std": s["latents_std"]},
+    "patch_bn": patch_bn_fragment,  # Flux.2: the BatchNorm's running statistics
 }
 
 
@@ -389,7 +390,7 @@ def corpus_mode(cfg: StatsConfig, progress: bool) -> tuple[Accumulator, dict[str
     shards = plan_shards(ecfg.input, ecfg.input_format, ecfg.storage_options)
     preflight(shards, SourceOptions.from_config(ecfg))
     vae, family = load_vae(ModelSpec.from_config(ecfg))
-    check_options(family, ecfg)
+    check_options(family, ecfg, vae)
     space = latent_space_for(vae, ecfg)
     del vae
     pipeline.ensure_ray()

@@ -91,14 +91,14 @@ class LatentEncoder:
         self.spec = spec
         self.device = model_device()
         vae, self.family = load_vae(model)
-        self.space: LatentSpace = latent_space_for(vae, spec)
+        self.space: LatentSpace = latent_space_for(vae, spec, self.family)
         self.compute_dtype = self._compute_dtype(vae)
         self.vae = self._prepare(vae).to(self.device, self.compute_dtype)
         self._fp32_vae: Any = None if self.compute_dtype == torch.float32 else vae
         self.exact = self._exact_tiling_available(vae)
 
     def _exact_tiling_available(self, vae: Any) -> bool:
-        if self.spec.tiling not in ("auto", "exact") or self.family.name != "kl":
+        if self.spec.tiling not in ("auto", "exact") or not self.family.exact_tiling:
             return False
         supported, reason = exact_tiling_support(vae, "encoder")
         if not supported:
@@ -113,6 +113,7 @@ class LatentEncoder:
         return self.family.encode
 
     def _encode_exact(self, vae: Any, x: torch.Tensor) -> Encoded:
+        """Exact-tiling families are KL VAEs: the moments are the same posterior as vae.encode's."""
         dist = DiagonalGaussianDistribution(exact_encode_moments(vae, x, band_mb=self.spec.band_mb))
         return Encoded(mean=dist.mean, std=dist.std)
 

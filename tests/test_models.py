@@ -420,7 +420,7 @@ def test_hub_id_from_local_cache_offline_with_subfolder(model_dir, png_shard, im
     m = manifest(out)
     assert list(m["model_sha256"]) == ["diffusion_pytorch_model.safetensors"]
     assert m["latent_space"]["convention"] == "shift_scale"
-    with pytest.raises(ModelError, match="cannot load VAE from latentcache-test/not-cached"):
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_vae(ModelSpec(model="latentcache-test/not-cached"))  # offline (conftest) and not in the cache
 
 
