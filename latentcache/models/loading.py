@@ -19,17 +19,13 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from .errors import ModelError
 from .families import FAMILIES, FAMILY_BY_CLASS, Family
 from .remote import fetch_model, is_remote, sha256_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 HUB_PROBE_TIMEOUT_S = 5.0  # one try; huggingface_hub's own retries took ~50 s to give up offline
-
-
-class ModelError(UserError):
-    """The model cannot be found, loaded or used; the message says why."""
 
 
 @dataclass(frozen=True, kw_only=True)

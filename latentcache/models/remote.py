@@ -27,12 +27,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UserError
+from .errors import ModelError
 
 LOCAL_PROTOCOLS = ("file", "local")
 
 
-class RemoteModelError(UserError):
+class RemoteModelError(ModelError):
     """The model URL cannot be listed, fetched or verified."""
 
 
