@@ -54,7 +54,7 @@ class EncodeConfig:
     bucket_no_upscale: bool = opt(False, "Never upscale: an image smaller than its bucket gets the largest bucket of the same ratio that fits.")
     crop: str = opt("center", "Crop position after resizing to cover the target; random is seeded per key by --seed.", choices=("center", "random"))
     flip: str = opt("none", "With both, also store latent_flipped: the latent of the horizontally flipped crop.", choices=("none", "both"))
-    model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "tiny", "vq"))
+    model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "flux2", "dc", "qwenimage", "wan", "hunyuanimage", "tiny", "vq"))
     model_config: str = opt(None, "Local diffusers config directory for a single-file checkpoint (works offline).")
     model_subfolder: str = opt(None, "Subfolder of --model that holds the VAE, e.g. vae in a full pipeline repo.")
     allow_pickle: bool = opt(False, "Allow pickle-based checkpoints (.ckpt/.pt/.bin); they can run arbitrary code.")

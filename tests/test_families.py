@@ -199,3 +199,30 @@ def test_audit_decodes_back_to_the_pipelines_image(family, models, images, cache
     assert sorted(r["key"] for r in metrics) == keys
     for row in metrics:
         assert row["psnr"] == pytest.approx(expected[row["key"]], abs=0.02)
+
+
+def test_stats_suggests_flux2_batchnorm_statistics(caches, tmp_path):
+    out = tmp_path / "stats.json"
+    assert main(["stats", "--quiet", "--cache", str(caches("flux2")), "--output", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    bn = doc["diffusers_config"]["patch_bn"]
+    assert doc["current_latent_space"]["convention"] == "patch_bn"
+    # one value per patch channel c*4 + dy*2 + dx (Flux2Pipeline._patchify_latents), from raw channel c
+    np.testing.assert_allclose(bn["bn.running_mean"], np.repeat(doc["channel_mean"], 4))
+    np.testing.assert_allclose(np.sqrt(np.asarray(bn["bn.running_var"]) + bn["batch_norm_eps"]),
+                               np.repeat(doc["channel_std"], 4), rtol=1e-9)
+
+
+@pytest.mark.parametrize("flags, bad", [({"resolution": 72}, "72"), ({"resolution": 64, "buckets": [[64, 72]]}, "72")])
+def test_image_sides_follow_the_familys_resolution_multiple(flags, bad):
+    from latentcache.config import EncodeConfig
+    from latentcache.models import FAMILIES, ModelError, check_options
+
+    vae = diffusers.AutoencoderKLHunyuanImage(**{**MODELS["hunyuanimage"][1], "block_out_channels": (32,) * 5,
+                                                 "spatial_compression_ratio": 16})
+    family = FAMILIES["hunyuanimage"]
+    assert family.resolution_multiple(vae) == 16
+    cfg = EncodeConfig(input="in.tar", output="out", model="m", **flags)
+    with pytest.raises(ModelError, match=bad):
+        check_options(family, cfg, vae)
+    check_options(family, EncodeConfig(input="in.tar", output="out", model="m", resolution=64, buckets=[[64, 96]]), vae)
