@@ -119,7 +119,7 @@ class Family:
     name: str
     class_name: str
     encode: Callable[[Any, torch.Tensor], Encoded]  # pixels [B, 3, H, W] in [-1, 1] -> raw latent
-    factor: Callable[[Any], int]  # pixels per raw latent cell, per side
+    downsample: Callable[[Any], int]  # pixels per raw latent cell, per side
     stochastic: bool  # has a posterior (mode/sample/std); False: a deterministic latent
     space: Callable[[Any, dict[str, Any]], LatentSpace] = _space_from_config
     input_rank: int = 4  # 5: a video VAE, given one frame [B, C, 1, H, W]
@@ -133,7 +133,7 @@ class Family:
 
     def resolution_multiple(self, vae: Any) -> int:
         """Image sides must be multiples of this: the VAE's factor times any patch the convention folds."""
-        return self.factor(vae) * (self.latent_space(vae).patch_size or 1)
+        return self.downsample(vae) * (self.latent_space(vae).patch_size or 1)
 
     def latent_space(self, vae: Any, **overrides: Any) -> LatentSpace:
         return self.space(vae, {k: v for k, v in overrides.items() if v is not None})

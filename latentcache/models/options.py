@@ -62,7 +62,7 @@ def enable_tiling(vae: Any, family: Family, *, tile_size: int, overlap: float) -
     """diffusers' own tiled encoder, with our tile size (pixels) and overlap (fraction of a tile)."""
     if not family.tiles:
         raise ModelError(f"--tiling diffusers: diffusers has no tiled encoder for {family.class_name}")
-    factor = family.factor(vae)
+    factor = family.downsample(vae)
     if tile_size % factor:
         raise ModelError(f"--tiling diffusers: {family.class_name} needs a --tile-size that is a multiple of {factor}")
     family.tile(vae, tile_size, overlap, factor)
