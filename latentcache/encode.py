@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,8 +20,16 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .latent_space import LatentSpace
-from .models import (TORCH_DTYPES, Encoded, ModelSpec, compute_dtype, enable_tiling, latent_space_for, load_vae,
-                     model_device)
+from .models import (
+    TORCH_DTYPES,
+    Encoded,
+    ModelSpec,
+    compute_dtype,
+    enable_tiling,
+    latent_space_for,
+    load_vae,
+    model_device,
+)
 from .preprocess import pixels_of, to_model_input
 from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, carry, good_mask
 from .seeding import per_key_noise as per_key_noise  # re-exported: callers import it from here too
@@ -58,7 +67,7 @@ class EncodeSpec:
     latents_std: list | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "EncodeSpec":
+    def from_config(cls, cfg: Any) -> EncodeSpec:
         names = cls.__dataclass_fields__.keys() - {"threads"}
         return cls(threads=cfg.encoder_threads, **{n: getattr(cfg, n) for n in names})
 

@@ -50,7 +50,7 @@ class LatentSpace:
             raise ValueError("the patch_bn convention needs patch_size")
 
     @classmethod
-    def from_model_config(cls, config: Any, **overrides: Any) -> "LatentSpace":
+    def from_model_config(cls, config: Any, **overrides: Any) -> LatentSpace:
         """Reads the convention from a diffusers config; non-None overrides win."""
 
         def pick(name: str, default: Any = None) -> Any:
@@ -68,11 +68,12 @@ class LatentSpace:
                        latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)))
         # AutoencoderTiny's config carries shift_factor 0.0: that is plain scaling, and is recorded as such.
         if shift is not None and (float(shift) != 0.0 or overrides.get("shift_factor") is not None):
-            return cls(convention="shift_scale", scaling_factor=scaling, shift_factor=float(shift), frame_axis=frame_axis)
+            return cls(convention="shift_scale", scaling_factor=scaling, shift_factor=float(shift),
+                       frame_axis=frame_axis)
         return cls(convention="scale", scaling_factor=scaling, frame_axis=frame_axis)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LatentSpace":
+    def from_dict(cls, data: dict[str, Any]) -> LatentSpace:
         names = ("convention", "scaling_factor", "shift_factor", "latents_mean", "latents_std")
         fields = {k: data.get(k) for k in names} | {k: data.get(k, default) for k, default in _OPTIONAL.items()}
         for name in ("latents_mean", "latents_std"):
@@ -101,7 +102,8 @@ class LatentSpace:
         """(offset_c, scale_c) in float64 for a (patchified) latent with `channels` channels."""
         if self.convention in ("per_channel", "patch_bn"):
             if len(self.latents_mean) != channels:
-                raise ValueError(f"latents_mean has {len(self.latents_mean)} entries but the latent has {channels} channels")
+                raise ValueError(f"latents_mean has {len(self.latents_mean)} entries but the latent has "
+                                 f"{channels} channels")
             offset = np.asarray(self.latents_mean, dtype=np.float64)
             scale = self.scaling_factor / np.asarray(self.latents_std, dtype=np.float64)
             return offset, scale

@@ -35,7 +35,8 @@ def run(input_url: str, output: str, model: str, options: str, head_cache: str, 
         ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
         status = latentcache(["encode", "--quiet", "--input", input_url, "--output", output, "--model", model,
                               "--storage-options", options, "--resolution", "64", "--batch-size", "2"])
-        encoders = [a for a in list_actors(limit=10_000, raise_on_missing_output=False) if "LatentEncoder" in a.class_name]
+        actors = list_actors(limit=10_000, raise_on_missing_output=False)
+        encoders = [a for a in actors if "LatentEncoder" in a.class_name]
         return {"status": status, "head_node": cluster.head_node.node_id, "gpu_node": gpu_node.node_id,
                 "encoder_nodes": sorted({a.node_id for a in encoders}), "encoders": len(encoders)}
     finally:

@@ -8,8 +8,9 @@ Run with -s to see, per family, the largest relative difference between stored a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -17,8 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
-from diffusers.pipelines.flux2.pipeline_flux2 import retrieve_latents
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline, retrieve_latents
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import QwenImageEditPipeline
 from diffusers.pipelines.wan.pipeline_wan_i2v import WanImageToVideoPipeline
 from skimage.metrics import peak_signal_noise_ratio

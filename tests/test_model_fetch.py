@@ -55,8 +55,9 @@ def test_two_nodes_fetch_the_s3_model_once_each(s3, kl_model, private_dir, tmp_p
     url = upload(kl_model, bucket, options)
     make_shards(tmp_path / "shards", shards=2, per_shard=4, size=(64, 64))
     out, head_cache, gpu_cache = tmp_path / "cache", tmp_path / "models-head", tmp_path / "models-gpu"
-    command = [sys.executable, "-m", "tests._cluster_model_fetch", str(tmp_path / "shards" / "shard-{00000..00001}.tar"),
-               str(out), url, json.dumps(options), str(head_cache), str(gpu_cache)]
+    shards = str(tmp_path / "shards" / "shard-{00000..00001}.tar")
+    command = [sys.executable, "-m", "tests._cluster_model_fetch", shards, str(out), url, json.dumps(options),
+               str(head_cache), str(gpu_cache)]
     proc = subprocess.Popen(command, env=private_ray_env(private_dir), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -10,8 +10,9 @@ Nothing here re-implements a VAE: every step is the diffusers model's own method
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, replace
@@ -39,20 +38,20 @@ class ModelSpec:
     sha256: dict[str, str] | None = None  # a URL model's file hashes as the driver saw them (set by pinned())
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ModelSpec":
+    def from_config(cls, cfg: Any) -> ModelSpec:
         spec = cls(model=cfg.model, model_class=cfg.model_class, model_config=cfg.model_config,
                    allow_pickle=cfg.allow_pickle, subfolder=getattr(cfg, "model_subfolder", None),
                    storage_options=dict(getattr(cfg, "storage_options", None) or {}))
         return spec.pinned()
 
-    def pinned(self) -> "ModelSpec":
+    def pinned(self) -> ModelSpec:
         """A URL model with the hashes of the copy this process has (fetching it if needed): the spec
         handed to other nodes, which then find or verify their copy by them."""
         if not is_remote(self.model) or self.sha256 is not None:
             return self
         return replace(self, sha256=fetch_model(self.model, self.storage_options)[1])
 
-    def local(self) -> "ModelSpec":
+    def local(self) -> ModelSpec:
         """The same spec with `model` a local path (a URL fetched into this node's cache)."""
         if not is_remote(self.model):
             return self
@@ -182,7 +181,8 @@ def _load_pretrained(cls: Any, spec: ModelSpec) -> Any:
         has_safetensors = any(folder.glob("*.safetensors"))
         for weight in folder.glob("*"):
             check_pickle(str(weight), spec.allow_pickle or has_safetensors)
-    return cls.from_pretrained(spec.model, subfolder=spec.subfolder, use_safetensors=None if spec.allow_pickle else True)
+    safetensors_only = None if spec.allow_pickle else True
+    return cls.from_pretrained(spec.model, subfolder=spec.subfolder, use_safetensors=safetensors_only)
 
 
 def load_vae(spec: ModelSpec) -> tuple[Any, Family]:
@@ -196,7 +196,7 @@ def load_vae(spec: ModelSpec) -> tuple[Any, Family]:
         vae = _load_single_file(cls, spec) if single_file else _load_pretrained(cls, spec)
     except ModelError:
         raise
-    except Exception as exc:  # noqa: BLE001 - diffusers raises many types; the user needs one line
+    except Exception as exc:
         hint = "; pass --model-config DIR (a diffusers VAE config.json) to load it offline" if (
             single_file and not spec.model_config) else ""
         raise ModelError(f"cannot load VAE from {shown}: {str(exc).strip().splitlines()[0]}{hint}") from exc
@@ -217,7 +217,8 @@ def weight_files(model: str, subfolder: str | None = None) -> list[Path]:
     return sorted(p for p in (path / (subfolder or "")).glob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
 
-def weights_sha256(model: str, subfolder: str | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+def weights_sha256(model: str, subfolder: str | None = None,
+                   storage_options: dict[str, Any] | None = None) -> dict[str, str]:
     """{file: sha256} of the weights; a URL model is hashed from this node's verified copy."""
     if is_remote(model):
         model = ModelSpec(model=model, storage_options=storage_options or {}).local().model

@@ -14,7 +14,8 @@ from .loading import ModelError
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Where the hub cache lives and whether to go online: the encoder actors must see what the driver saw.
 # Tokens are deliberately not forwarded (runtime_env values are visible in Ray's dashboard).
-HUB_ENV_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")
+HUB_ENV_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                "HF_ENDPOINT")
 
 
 def check_options(family: Family, cfg: Any, vae: Any = None) -> None:

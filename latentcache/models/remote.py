@@ -23,9 +23,10 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ModelError
 
@@ -78,7 +79,8 @@ def _listing(url: str, storage_options: dict[str, Any]) -> tuple[Any, str, dict[
     except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types; the user needs one line
         raise RemoteModelError(f"--model {url}: cannot list it: {type(exc).__name__}: {exc}") from None
     if not found:
-        raise RemoteModelError(f"--model {url}: no files there (expected a diffusers VAE directory or one weights file)")
+        raise RemoteModelError(f"--model {url}: no files there (expected a diffusers VAE directory or one "
+                               "weights file)")
     root = path.rstrip("/")
     return fs, root, {p[len(root):].lstrip("/"): info for p, info in found.items()}
 
@@ -105,7 +107,8 @@ def _local_path(root: Path, key: str, record: dict[str, Any]) -> Path:
     return root / key / next(iter(record["files"])) if record.get("single") else root / key
 
 
-def _download(fs: Any, base: str, listing: dict[str, Any], url: str, root: Path, single: bool) -> tuple[str, dict[str, Any]]:
+def _download(fs: Any, base: str, listing: dict[str, Any], url: str, root: Path,
+              single: bool) -> tuple[str, dict[str, Any]]:
     """Every file into a temporary directory, hashed, then renamed to its key (atomic on one filesystem)."""
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
     try:
@@ -118,7 +121,7 @@ def _download(fs: Any, base: str, listing: dict[str, Any], url: str, root: Path,
         if (root / key).is_dir():
             shutil.rmtree(root / key)  # a partial leftover without its record
         os.rename(tmp, root / key)
-    except Exception as exc:  # noqa: BLE001 - a dropped connection, a full disk: one line
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, RemoteModelError):
             raise
