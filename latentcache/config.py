@@ -69,7 +69,7 @@ class EncodeConfig:
     bucket_no_upscale: bool = opt(False, "Never upscale: an image smaller than its bucket gets the largest bucket of the same ratio that fits.", group="preprocessing")
     crop: str = opt("center", "Crop position after resizing to cover the target; random is seeded per key by --seed.", choices=("center", "random"), group="preprocessing")
     flip: str = opt("none", "With both, also store latent_flipped: the latent of the horizontally flipped crop.", choices=("none", "both"), group="preprocessing")
-    model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "tiny", "vq"), group="model")
+    model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "flux2", "dc", "qwenimage", "wan", "hunyuanimage", "tiny", "vq"), group="model")
     model_config: str = opt(None, "Local diffusers config directory for a single-file checkpoint (works offline).", group="model")
     model_subfolder: str = opt(None, "Subfolder of --model that holds the VAE, e.g. vae in a full pipeline repo.", group="model")
     allow_pickle: bool = opt(False, "Allow pickle-based checkpoints (.ckpt/.pt/.bin); they can run arbitrary code.", group="model")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,8 +20,16 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .latent_space import LatentSpace
-from .models import (TORCH_DTYPES, Encoded, ModelSpec, compute_dtype, enable_tiling, latent_space_for, load_vae,
-                     model_device)
+from .models import (
+    TORCH_DTYPES,
+    Encoded,
+    ModelSpec,
+    compute_dtype,
+    enable_tiling,
+    latent_space_for,
+    load_vae,
+    model_device,
+)
 from .preprocess import pixels_of, to_model_input
 from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, carry, good_mask
 from .seeding import per_key_noise as per_key_noise  # re-exported: callers import it from here too
@@ -58,7 +67,7 @@ class EncodeSpec:
     latents_std: list | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "EncodeSpec":
+    def from_config(cls, cfg: Any) -> EncodeSpec:
         names = cls.__dataclass_fields__.keys() - {"threads"}
         return cls(threads=cfg.encoder_threads, **{n: getattr(cfg, n) for n in names})
 
@@ -83,14 +92,14 @@ class LatentEncoder:
         self.spec = spec
         self.device = model_device()
         vae, self.family = load_vae(model)
-        self.space: LatentSpace = latent_space_for(vae, spec)
+        self.space: LatentSpace = latent_space_for(vae, spec, self.family)
         self.compute_dtype = self._compute_dtype(vae)
         self.vae = self._prepare(vae).to(self.device, self.compute_dtype)
         self._fp32_vae: Any = None if self.compute_dtype == torch.float32 else vae
         self.exact = self._exact_tiling_available(vae)
 
     def _exact_tiling_available(self, vae: Any) -> bool:
-        if self.spec.tiling not in ("auto", "exact") or self.family.name != "kl":
+        if self.spec.tiling not in ("auto", "exact") or not self.family.exact_tiling:
             return False
         supported, reason = exact_tiling_support(vae, "encoder")
         if not supported:
@@ -105,6 +114,7 @@ class LatentEncoder:
         return self._encode_exact if self.exact and mode == "exact" else self.family.encode
 
     def _encode_exact(self, vae: Any, x: torch.Tensor) -> Encoded:
+        """Exact-tiling families are KL VAEs: the moments are the same posterior as vae.encode's."""
         dist = DiagonalGaussianDistribution(exact_encode_moments(vae, x, band_mb=self.spec.band_mb))
         return Encoded(mean=dist.mean, std=dist.std)
 

@@ -140,12 +140,12 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     shards = plan_shards(cfg.input, cfg.input_format, cfg.storage_options)
     preflight(shards, SourceOptions.from_config(cfg))
     vae, family = load_vae(ModelSpec.from_config(cfg))
-    check_options(family, cfg)
+    check_options(family, cfg, vae)
     space = latent_space_for(vae, cfg).to_dict()
     dtype = str(compute_dtype(vae.config, cfg.dtype, cfg.no_upcast)).removeprefix("torch.")
     del vae
     layout = Layout(cfg.output, cfg.storage_options)
-    run_identity = {**identity(cfg, weights_sha256(cfg.model, cfg.model_subfolder), family.name, space),
+    run_identity = {**identity(cfg, weights_sha256(cfg.model, cfg.model_subfolder, cfg.storage_options), family.name, space),
                     "compute_dtype": dtype}
     claim_output(layout, run_identity, overwrite=cfg.overwrite)
     commit_log = CommitLog(url=layout.log_url, storage_options=cfg.storage_options)

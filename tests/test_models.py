@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from latentcache.encode import EncodeSpec, LatentEncoder, per_key_noise
+from latentcache.models import FAMILIES as FAMILIES_REGISTRY
 from latentcache.models import ModelError, ModelSpec, load_vae
 from latentcache.reader import Cache
 from latentcache.samples import make_vae, natural_image, write_tar
@@ -420,7 +421,7 @@ def test_hub_id_from_local_cache_offline_with_subfolder(model_dir, png_shard, im
     m = manifest(out)
     assert list(m["model_sha256"]) == ["diffusion_pytorch_model.safetensors"]
     assert m["latent_space"]["convention"] == "shift_scale"
-    with pytest.raises(ModelError, match="cannot load VAE from latentcache-test/not-cached"):
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_vae(ModelSpec(model="latentcache-test/not-cached"))  # offline (conftest) and not in the cache
 
 
@@ -473,12 +474,12 @@ def test_options_a_family_cannot_honour_are_errors(model_dir, png_shard, tmp_pat
              ("tiny", {"posterior": "sample"}, "--posterior sample needs a model with a posterior"),
              ("kl-4ch", {"vq_output": "codes"}, "--vq-output codes needs a VQModel"),
              ("vq", {"tiling": "diffusers", "tile_size": 32}, "--tiling diffusers needs a model diffusers can tile"),
-             ("tiny", {"tiling": "exact"}, "--tiling exact needs an AutoencoderKL")]
+             ("tiny", {"tiling": "exact"}, "--tiling exact needs a VAE built from diffusers' Encoder/Decoder")]
     for family, flags, message in cases:
         assert encode(input=png_shard, output=tmp_path / family, model=model_dir(family, "scale"), resolution=SIZE,
                       **flags) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(ModelError, match="cannot load VAE"):
+    with pytest.raises(ModelError, match="nothing.safetensors: no such file or directory"):
         load_vae(ModelSpec(model=str(tmp_path / "nothing.safetensors")))
 
 
@@ -586,7 +587,29 @@ PRESETS = {  # name -> (hub id, family, convention, scaling_factor, shift_factor
     "taef1": ("madebyollin/taef1", "tiny", "scale", 1.0, None),
     "vq-f4": ("CompVis/ldm-celebahq-256", "vq", "scale", 1.0, None),
 }
+FAMILY_PRESETS = {  # name -> (hub id, subfolder, family, convention, scaling_factor from the preset)
+    "flux2": ("black-forest-labs/FLUX.2-dev", "vae", "flux2", "patch_bn", None),
+    "dc-ae-f32c32": ("mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers", None, "dc", "scale", 0.41407),
+    "qwen-image": ("Qwen/Qwen-Image", "vae", "qwenimage", "per_channel", None),
+    "wan2.1": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "vae", "wan", "per_channel", None),
+    "wan2.2": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "vae", "wan", "per_channel", None),
+    "hunyuanimage-2.1": ("hunyuanvideo-community/HunyuanImage-2.1-Diffusers", "vae", "hunyuanimage", "scale", 0.75289),
+}
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
+
+
+@pytest.mark.parametrize("name", list(FAMILY_PRESETS))
+def test_family_presets_name_model_family_and_convention(name, tmp_path):
+    """These conventions come from the VAE itself (config latents_mean/std, Flux.2's BatchNorm buffers);
+    the preset pins the model, the family and any scaling factor the config lacks."""
+    from latentcache.config import EncodeConfig, build_config
+
+    path = PRESET_DIR / f"{name}.yaml"
+    cfg = build_config(EncodeConfig, {"config": str(path), "input": "in.tar", "output": str(tmp_path)})
+    hub_id, subfolder, family, convention, scaling = FAMILY_PRESETS[name]
+    assert (cfg.model, cfg.model_subfolder, cfg.model_class, cfg.scaling_factor) == (hub_id, subfolder, family, scaling)
+    assert f"# convention: {convention}" in path.read_text()
+    assert FAMILIES_REGISTRY[family].convention.startswith(convention)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -606,4 +629,12 @@ def test_preset_names_model_class_and_convention(name, tmp_path):
 
 
 def test_every_preset_file_is_tested():
-    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(PRESETS)
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*PRESETS, *FAMILY_PRESETS])
+
+
+def test_model_class_choices_are_the_registry():
+    from latentcache.audit import AuditConfig
+    from latentcache.config import EncodeConfig
+
+    for cls in (EncodeConfig, AuditConfig):
+        assert cls.__dataclass_fields__["model_class"].metadata["choices"] == ("auto", *FAMILIES_REGISTRY)

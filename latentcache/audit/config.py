@@ -16,7 +16,7 @@ class AuditConfig:
                             choices=("auto", "webdataset", "parquet", "folder"))
     model: str = opt(None, "VAE to check the cache against (sha256, latent space, preprocessing) and decode with "
                            "(default: the model recorded in the manifest, when it still exists).")
-    model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "tiny", "vq"))
+    model_class: str = opt("auto", "VAE class; auto reads the config's _class_name.", choices=("auto", "kl", "flux2", "dc", "qwenimage", "wan", "hunyuanimage", "tiny", "vq"))
     model_config: str = opt(None, "Local diffusers config directory for a single-file checkpoint.")
     allow_pickle: bool = opt(False, "Allow pickle-based checkpoints (.ckpt/.pt/.bin); they can run arbitrary code.")
     resolution: int = opt(None, "Expected preprocessing resolution; a cache made at another one fails the check.")

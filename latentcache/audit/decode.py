@@ -61,7 +61,7 @@ class Decoder:
         """Raw latents [B, C, h, w] of one shape -> uint8 images [B, H, W, 3]."""
         z = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            return to_uint8_hwc(DECODERS[self.mode(z)](self.vae, z))
+            return to_uint8_hwc(self.family.decode(self.vae, z, tiling=self.mode(z)))
 
 
 def shape_batches(latents: dict[str, np.ndarray], size: int) -> list[list[str]]:

@@ -15,7 +15,7 @@ from ..seeding import epoch_key, per_key_noise, posterior_sample
 
 SPACES: dict[str, Callable[[LatentSpace, np.ndarray], np.ndarray]] = {
     "model": lambda space, z: z,  # as stored: what the diffusion model trains on
-    "raw": lambda space, z: space.to_raw(z.astype(np.float64)).astype(np.float32),  # ready for vae.decode
+    "raw": lambda space, z: space.to_vae_input(z.astype(np.float64)).astype(np.float32),  # ready for vae.decode
 }
 POSTERIOR = ("posterior_mean", "posterior_std")
 

@@ -27,7 +27,7 @@ def corpus_mode(cfg: StatsConfig, progress: bool) -> tuple[Accumulator, dict[str
     shards = plan_shards(ecfg.input, ecfg.input_format, ecfg.storage_options)
     preflight(shards, SourceOptions.from_config(ecfg))
     vae, family = load_vae(ModelSpec.from_config(ecfg))
-    check_options(family, ecfg)
+    check_options(family, ecfg, vae)
     space = latent_space_for(vae, ecfg)
     del vae
     pipeline.ensure_ray()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..latent_space import patch_bn_fragment
 from .bootstrap import bootstrap_interval
 from .config import StatsConfig
 from .moments import merge_all, summary
@@ -17,6 +18,8 @@ CONFIG_FRAGMENTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     # per-channel standardisation does all the scaling, so the global factor is 1
     "per_channel": lambda s: {"scaling_factor": 1.0, "latents_mean": s["latents_mean"], "latents_std": s["latents_std"]},
 }
+# Flux.2's own form (its BatchNorm's running statistics), given only for a Flux.2 latent space
+FAMILY_FRAGMENTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"patch_bn": patch_bn_fragment}
 
 
 def first_batch(acc: Accumulator, full: dict[str, Any], interval: dict[str, Any] | None) -> dict[str, Any]:
@@ -34,11 +37,13 @@ def build_document(acc: Accumulator, cfg: StatsConfig, context: dict[str, Any], 
     interval = bootstrap_interval([acc.units[u] for u in sorted(acc.units)], replicates=cfg.bootstrap,
                                   confidence=cfg.confidence, seed=cfg.seed)
     suggested = full["suggested"]
+    convention = context["current_latent_space"]["convention"]
+    fragments = {**CONFIG_FRAGMENTS, **{k: v for k, v in FAMILY_FRAGMENTS.items() if k == convention}}
     return {
         **context,
         "describes": f"raw latents: the VAE encoder's posterior {context['posterior']}, before any scaling or shift",
         "images": acc.rows, "errors": acc.errors, **full,
-        "diffusers_config": {name: make(suggested) for name, make in CONFIG_FRAGMENTS.items()} if suggested["scaling_factor"] else None,
+        "diffusers_config": {name: make(suggested) for name, make in fragments.items()} if suggested["scaling_factor"] else None,
         "confidence_interval": interval,
         "first_batch": first_batch(acc, full, interval),
         "moments": total.to_dict(),
