@@ -203,7 +203,7 @@ def drive(ds: ray.data.Dataset, todo: list[ShardRef], committer: Committer, fmt:
 def finished(layout: Layout, record: dict[str, Any], fmt: str) -> dict[str, Any]:
     """A complete shard's record; an unreadable one (marker status failed) is failed with error rows."""
     if record["status"] == COMMITTED:
-        return record
+        return {k: v for k, v in record.items() if k != "error_index"}  # only a failed shard needs it
     return fail_shard(layout, record, fmt, record.get("shard_error") or "shard failed")
 
 
