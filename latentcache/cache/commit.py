@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,14 @@ from .records import COMMITTED, FAILED
 from .writer import ERRORS_SCHEMA, parquet_bytes
 
 log = logging.getLogger(__name__)
+CRASH_ENV = "LATENTCACHE_CRASH_AT"
+
+
+def crash_point(step: str) -> None:
+    """Fault injection for the reliability tests: SIGKILLs this process at a named step of the
+    protocol when $LATENTCACHE_CRASH_AT names it (a real kill, as a preemption would land there)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -89,6 +99,7 @@ class Committer:
         if self.queue:
             previous = self.log.state()
             self.log.append(self.queue)
+            crash_point("committed")
             self.layout.remove([f for r in self.queue for f in superseded(previous.get(r["shard"]), r)])
             if self.log.pending() >= self.every:
                 self.log.checkpoint()
