@@ -59,7 +59,8 @@ def measure(endpoint: str, model: Path, shards: list[Path], resolution: int, sto
     overall = sum(v for k, v in uploaded.items() if "/cache/" in k)
     return {"resolution": resolution, "store_dtype": store_dtype, "data_files": len(data), "committed_bytes": committed,
             "put_bytes_data": latent, "put_bytes_all": overall, "requests": requests,
-            "amplification_latent": round(latent / committed, 4), "amplification_overall": round(overall / committed, 4)}
+            "amplification_latent": round(latent / committed, 4),
+            "amplification_overall": round(overall / committed, 4)}
 
 
 def main_bench() -> None:
@@ -89,7 +90,8 @@ def main_bench() -> None:
         print(json.dumps(r))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"shards": args.shards, "per_shard": args.per_shard, "results": results}, indent=1))
+        summary = {"shards": args.shards, "per_shard": args.per_shard, "results": results}
+        args.out.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

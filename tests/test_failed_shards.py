@@ -114,7 +114,8 @@ def _plain_parquet(table: pa.Table) -> bytes:
 
 def cached_keys(out: Path) -> set[str]:
     """Keys in the cache's part files (those the committed shard records name)."""
-    return {k for f in Cache(str(out)).files for k in pq.read_table(out / f.path, columns=["key"]).column("key").to_pylist()}
+    files = Cache(str(out)).files
+    return {k for f in files for k in pq.read_table(out / f.path, columns=["key"]).column("key").to_pylist()}
 
 
 def failed_rows(out: Path) -> dict[str, list[dict]]:

@@ -73,7 +73,8 @@ class EncodeProcess:
             argv += ["--" + name.replace("_", "-"), str(value)]
         self.log = log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, env={**SUBPROCESS_ENV, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, env={**SUBPROCESS_ENV, **(env or {})}, stdout=out,
+                                         stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def wait_for(self, condition, timeout: float = 300) -> None:

@@ -143,10 +143,12 @@ def write_block(table: pa.Table, *, spec: WriteSpec) -> pa.Table:
         errors = write_errors(spec.layout, [{"key": r["key"], "shard": shard, "reason": r["error"]} for r in bad])
         good = [r for r in mine if r["error"] is None]
         out.append({"shard": shard, "rows": len(mine), "parts": json.dumps(write_parts(shard, good, spec)), "errors": errors,
-                    "error_rows": len(bad), "error_index": json.dumps([r["index"] for r in bad]), "nonfinite": sum(r["error"].startswith(NONFINITE_REASON) for r in bad),
+                    "error_rows": len(bad), "error_index": json.dumps([r["index"] for r in bad]),
+                    "nonfinite": sum(r["error"].startswith(NONFINITE_REASON) for r in bad),
                     "fp32_fallback": sum(r["fallback"] == "fp32" for r in good), "shard_rows": marker.get("shard_rows"),
                     "shard_status": marker.get("shard_status"), "shard_error": marker.get("error")})
     return pa.Table.from_pylist(out, schema=BLOCK_META)
 
 
-__all__ = ["BLOCK_META", "CROP", "ERRORS_SCHEMA", "WriteSpec", "group_rows", "write_block", "parquet_bytes", "part_moments"]
+__all__ = ["BLOCK_META", "CROP", "ERRORS_SCHEMA", "WriteSpec", "group_rows", "write_block", "parquet_bytes",
+           "part_moments"]
