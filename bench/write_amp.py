@@ -62,7 +62,8 @@ def measure(endpoint: str, model: Path, shards: list[Path], resolution: int, sto
         rest = path.split("/cache/", 1)[-1].split("/")
         kind = "/".join(rest[:2]) if rest[0] != "data" else "data"
         by_kind[kind] = by_kind.get(kind, 0) + size
-    return {"resolution": resolution, "put_bytes_by_folder": by_kind, "store_dtype": store_dtype, "data_files": len(data), "committed_bytes": committed,
+    return {"resolution": resolution, "put_bytes_by_folder": by_kind, "store_dtype": store_dtype,
+            "data_files": len(data), "committed_bytes": committed,
             "put_bytes_data": latent, "put_bytes_all": overall, "requests": requests,
             "amplification_latent": round(latent / committed, 4),
             "amplification_overall": round(overall / committed, 4)}
