@@ -25,7 +25,7 @@ from . import storage
 from .console import plan_lines, quiet_ray_data
 from .buckets import BucketPlanner, bucket_identity, preprocess_bucketed
 from .cache.claim import claim_output
-from .cache.commit import Committer, ShardLedger, fail_shard, remove_unnamed
+from .cache.commit import Committer, ShardLedger, crash_point, fail_shard, remove_unnamed
 from .cache.duplicates import settle_duplicates
 from .cache.finalize import write_run_outputs
 from .cache.layout import Layout
@@ -168,6 +168,7 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     settle_duplicates(layout, commit_log, fmt=cfg.format, space=space, after_kill=after_kill)
     if todo or after_kill:
         commit_log.end_run({"finished": time.time()})
+        crash_point("run-ended")
     run = {**run_identity, "config": public_dict(cfg), "versions": library_versions()}
     out = write_run_outputs(layout, commit_log, run, [s.id for s in shards])
     return {"output": cfg.output, "manifest": layout.url(layout.manifest), "stats": layout.url(layout.stats),
@@ -189,6 +190,7 @@ def drive(ds: ray.data.Dataset, todo: list[ShardRef], committer: Committer, fmt:
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for meta in batch.to_pylist():
             shard = ledger.add(meta)
+            crash_point("part-written")
             if shard is not None:
                 committer.add(finished(committer.layout, ledger.record(shard, names[shard]), fmt))
                 done.add(shard)
@@ -203,7 +205,7 @@ def drive(ds: ray.data.Dataset, todo: list[ShardRef], committer: Committer, fmt:
 def finished(layout: Layout, record: dict[str, Any], fmt: str) -> dict[str, Any]:
     """A complete shard's record; an unreadable one (marker status failed) is failed with error rows."""
     if record["status"] == COMMITTED:
-        return record
+        return {k: v for k, v in record.items() if k != "error_index"}  # only a failed shard needs it
     return fail_shard(layout, record, fmt, record.get("shard_error") or "shard failed")
 
 

@@ -305,8 +305,9 @@ def _common_dir(urls: list[str]) -> str:
 
 def output_name(shard_id: str, base: str) -> str:
     """A shard's output name: its path below `base` without extension (a folder chunk: its part name)."""
-    if "#" in shard_id:
-        return shard_id.rsplit("#", 1)[1]
+    chunk = re.fullmatch(r".*#(part-\d+)", shard_id)  # a folder chunk's id; a '#' in a file name is no chunk
+    if chunk:
+        return chunk.group(1)
     return safe_name(posixpath.splitext(posixpath.relpath(shard_id, base))[0])
 
 

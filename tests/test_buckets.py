@@ -236,15 +236,18 @@ def bucket_cache(ray_session, kl_model, varied_shards, tmp_path_factory) -> Path
 
 
 def cache_rows(out: Path) -> dict[str, dict]:
-    """key -> row (metadata plus latent arrays), over every file of the cache, with its file name."""
+    """key -> row (metadata plus latent arrays), over every part the shard records name, with its
+    path (relative to the cache) as `file` and `group` (its shard folder and bucket tag)."""
+    from latentcache.reader import Cache
     from latentcache.sinks import column_to_numpy
 
     rows = {}
-    for path in sorted(Path(out).glob("data/*/part-*.parquet")):
-        table = pq.read_table(path)
+    for file in Cache(str(out)).files:
+        table = pq.read_table(Path(out) / file.path)
         tensors = {n: column_to_numpy(table.column(n)) for n in TENSOR_COLUMNS if n in table.column_names}
+        group = (str(Path(file.path).parent), Path(file.path).name.split("-")[1])
         for i, row in enumerate(table.drop_columns(list(tensors)).to_pylist()):
-            rows[row["key"]] = {**row, **{n: t[i] for n, t in tensors.items()}, "file": path.name}
+            rows[row["key"]] = {**row, **{n: t[i] for n, t in tensors.items()}, "file": file.path, "group": group}
     return rows
 
 
@@ -256,7 +259,7 @@ def test_rows_carry_bucket_and_sdxl_metadata(bucket_cache, varied_shards):
         row = rows[key]
         assert (row["original_height"], row["original_width"]) == size
         assert (row["bucket_height"], row["bucket_width"]) == bucket
-        assert row["file"].startswith(f"part-{bucket[0]}x{bucket[1]}-")  # one file per (shard, bucket)
+        assert Path(row["file"]).name.startswith(f"part-{bucket[0]}x{bucket[1]}-")  # parts are per (shard, bucket)
         assert row["latent"].shape == (4, bucket[0] // 8, bucket[1] // 8) == row["latent_flipped"].shape
     m = manifest(bucket_cache)
     assert m["counts"] == {"input": 14, "written": 13, "failed": 1, "fp32_fallback": 0}
@@ -314,19 +317,21 @@ def test_reruns_and_batch_sizes_agree_and_nested_layout_loads_per_bucket(bucket_
                                                                           varied_shards, tmp_path):
     import datasets
 
+    from latentcache.reader import Cache
+
     out = tmp_path / "nested"
     assert encode(input=varied_shards[0], output=out, model=kl_model, crop="random", flip="both", seed=5,
                   store_dtype="fp32", batch_size=7, tensor_layout="nested", **BUCKET_FLAGS) == 0
     first, second = cache_rows(bucket_cache), cache_rows(out)
     assert first.keys() == second.keys()
     for key in first:
-        for name in ("crop_top", "crop_left", "bucket_height", "bucket_width", "file"):
+        for name in ("crop_top", "crop_left", "bucket_height", "bucket_width", "group"):
             assert first[key][name] == second[key][name]
         np.testing.assert_allclose(first[key]["latent"], second[key]["latent"], atol=1e-5, rtol=0)
     # Hugging Face datasets: one dataset per bucket (as the README shows), each of one shape
     by_bucket: dict[str, list[str]] = {}
-    for path in sorted(out.glob("data/*/part-*.parquet")):
-        by_bucket.setdefault(path.name.split("-")[1], []).append(str(path))
+    for file in Cache(str(out)).files:
+        by_bucket.setdefault(Path(file.path).name.split("-")[1], []).append(str(out / file.path))
     splits = {bucket: datasets.load_dataset("parquet", data_files=paths, split="train").with_format("torch")
               for bucket, paths in by_bucket.items()}
     assert sorted(splits) == sorted(f"{h}x{w}" for h, w in set(EXPECTED.values()))
@@ -357,7 +362,8 @@ def test_yaml_bucket_list_no_upscale_and_safetensors_stack_per_bucket(ray_sessio
         block = cache.read(file)
         assert loaded["latent"].shape == (file.rows, *file.latent_shape)  # one stacked tensor per (shard, bucket)
         heights, widths = set(block.meta["bucket_height"]), set(block.meta["bucket_width"])
-        assert len(heights) == len(widths) == 1 and file.path.endswith(f"_{heights.pop()}x{widths.pop()}.safetensors")
+        assert len(heights) == len(widths) == 1 and file.path.endswith(".safetensors")
+        assert Path(file.path).name.startswith(f"part-{heights.pop()}x{widths.pop()}-")
         for h, w, bh, bw in zip(block.meta["original_height"], block.meta["original_width"],
                                 block.meta["bucket_height"], block.meta["bucket_width"]):
             assert (bh, bw) == same_ratio_fit(nearest_bucket(h, w, listed), h, w)

@@ -1,7 +1,7 @@
 """A shard that cannot be read, wholly or in part, is a failed shard, in every input format.
 
 Each damaged shard must end the run with exit 3, be named in the manifest's failed_shards and in
-`_errors.parquet` (a row with a null key naming the shard and the reason, then one row per key read
+the errors dataset (a row with a null key naming the shard and the reason, then one row per key read
 before it broke), make `latentcache audit` fail with `incomplete`, and be retried by a rerun: once
 the input is fixed, the rerun completes and the failed shard's rows leave the errors table.
 """
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from latentcache.cache.reader import Cache
 from latentcache.cli import main
 from latentcache.samples import write_tar
 
@@ -112,9 +113,9 @@ def _plain_parquet(table: pa.Table) -> bytes:
 
 
 def cached_keys(out: Path) -> set[str]:
-    """Keys in the cache's shard files (not in _state/ or _audit/)."""
-    files = [p for p in out.glob("*.parquet") if not p.name.startswith("_")]
-    return {k for p in files for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()}
+    """Keys in the cache's part files (those the committed shard records name)."""
+    files = Cache(str(out)).files
+    return {k for f in files for k in pq.read_table(out / f.path, columns=["key"]).column("key").to_pylist()}
 
 
 def failed_rows(out: Path) -> dict[str, list[dict]]:

@@ -67,13 +67,14 @@ class EncodeProcess:
     """`python -m latentcache encode` in a session of its own, so that every process it starts
     (its local Ray included) can be found and cleaned up after its driver is SIGKILLed."""
 
-    def __init__(self, log: Path, **flags: object) -> None:
+    def __init__(self, log: Path, env: dict[str, str] | None = None, **flags: object) -> None:
         argv = [sys.executable, "-m", "latentcache", "encode", "--quiet"]
         for name, value in flags.items():
             argv += ["--" + name.replace("_", "-"), str(value)]
         self.log = log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, env=SUBPROCESS_ENV, stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, env={**SUBPROCESS_ENV, **(env or {})}, stdout=out,
+                                         stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def wait_for(self, condition, timeout: float = 300) -> None:
@@ -291,3 +292,51 @@ def test_storage_faults_are_retried_and_a_failing_shard_is_reported(ray_session,
     assert not any(secret in data for data in objects.values()), "a secret was written to the cache"
     captured = capsys.readouterr()
     assert options["secret"] not in captured.out + captured.err
+
+
+# ---- 5. SIGKILL at each step of the commit protocol -----------------------------------------
+
+CRASH_STEPS = ["part-written", "committed", "duplicates-copied", "duplicates-logged", "run-ended", "checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def overlapping_shards(tmp_path_factory) -> tuple[Path, set[str]]:
+    """Three tiny shards; the third repeats a key of the first, so duplicate settlement has work."""
+    import numpy as np
+
+    from latentcache.samples import write_tar
+
+    from .helpers import png_bytes
+
+    folder = tmp_path_factory.mktemp("crash-shards")
+    rng = np.random.default_rng(0)
+    for s, keys in enumerate([["k0", "k1"], ["k2", "k3"], ["k0", "k4"]]):
+        write_tar(folder / f"shard-{s:05d}.tar",
+                  [(f"{k}.png", png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))) for k in keys])
+    return folder / "shard-{00000..00002}.tar", {f"k{i}" for i in range(5)}
+
+
+def visible_files(out: Path) -> dict[str, bytes]:
+    """What a reader could see at this moment: the files the committed records name, with their bytes."""
+    from latentcache.cache.log import CommitLog
+    from latentcache.cache.records import committed
+
+    records = committed(CommitLog(url=str(out / META / "log"), storage_options={}).state())
+    paths = {p["path"] for r in records for p in r["parts"]} | {e for r in records for e in r.get("errors", [])}
+    return {p: (out / p).read_bytes() for p in paths}
+
+
+@pytest.mark.parametrize("step", CRASH_STEPS)
+def test_driver_sigkilled_at_each_protocol_step_then_rerun_is_exactly_once(step, overlapping_shards, ray_session,
+                                                                           kl_model, tmp_path):
+    source, keys = overlapping_shards
+    out, log = tmp_path / "out", tmp_path / "encode.log"
+    flags = dict(input=source, output=out, model=kl_model, resolution=32, store_dtype="fp32")
+    crashed = EncodeProcess(log, env={"LATENTCACHE_CRASH_AT": step}, **flags)
+    assert crashed.finish() == -signal.SIGKILL, f"no kill at {step}:\n{log.read_text()[-3000:]}"
+    visible = visible_files(out)
+    assert encode(**flags) == 0
+    m = assert_exactly_once(out, keys)
+    assert m["duplicates"] == 1 and errors(out).column("key").to_pylist() == ["k0"]
+    for path, data in visible.items():  # a file a reader could see is never rewritten (it may be deleted)
+        assert not (out / path).exists() or (out / path).read_bytes() == data, path

@@ -13,13 +13,17 @@ record names (one listing of data/ and of the errors folder).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .. import storage
 from .formats import get_format
@@ -30,6 +34,14 @@ from .records import COMMITTED, FAILED
 from .writer import ERRORS_SCHEMA, parquet_bytes
 
 log = logging.getLogger(__name__)
+CRASH_ENV = "LATENTCACHE_CRASH_AT"
+
+
+def crash_point(step: str) -> None:
+    """Fault injection for the reliability tests: SIGKILLs this process at a named step of the
+    protocol when $LATENTCACHE_CRASH_AT names it (a real kill, as a preemption would land there)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -60,7 +72,8 @@ class ShardLedger:
                 "failed": sum(r["error_rows"] for r in reports), "fp32_fallback": sum(r["fp32_fallback"] for r in reports),
                 "nonfinite": sum(r["nonfinite"] for r in reports), "duplicates": 0, "parts": parts,
                 "errors": [r["errors"] for r in reports if r["errors"]], "moments": moments.to_dict() if moments else None,
-                **marker, "checked": False}
+                **marker, "checked": False,
+                "error_index": [i for r in reports if r["errors"] for i in json.loads(r["error_index"])]}
 
 
 def read_part_keys(root: str, storage_options: dict[str, Any], fmt: str, path: str) -> list[str]:
@@ -86,6 +99,7 @@ class Committer:
         if self.queue:
             previous = self.log.state()
             self.log.append(self.queue)
+            crash_point("committed")
             self.layout.remove([f for r in self.queue for f in superseded(previous.get(r["shard"]), r)])
             if self.log.pending() >= self.every:
                 self.log.checkpoint()
@@ -103,16 +117,34 @@ def superseded(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     return sorted(named_files(old) - named_files(new))
 
 
+def known_rows(layout: Layout, record: dict[str, Any], fmt: str) -> list[tuple[str, str | None]]:
+    """(key, row error) of every row a shard's writers reported, in input order. Error rows carry
+    their input index; the good rows fill the other positions in part order (parts are named by
+    their first row; exact for one latent shape, the failed-shard case that matters)."""
+    good = [k for p in sorted(record["parts"], key=lambda p: p["path"])
+            for k in read_part_keys(layout.root, layout.storage_options, fmt, p["path"])]
+    bad = [r for e in record["errors"] for r in pq.read_table(io.BytesIO(layout.read_bytes(e))).to_pylist()]
+    by_index = dict(zip(record.get("error_index", []), bad))
+    rows, good_iter = [], iter(good)
+    for index in range(len(good) + len(bad)):
+        row = by_index.get(index)
+        rows.append((row["key"], row["reason"]) if row else (next(good_iter), None))
+    return rows
+
+
 def fail_shard(layout: Layout, record: dict[str, Any], fmt: str, reason: str) -> dict[str, Any]:
-    """A shard that did not complete: its parts go, every key read so far gets an error row."""
-    keys = [k for p in record["parts"] for k in read_part_keys(layout.root, layout.storage_options, fmt, p["path"])]
-    rows = [{"key": k, "shard": record["shard"], "reason": reason} for k in keys] or [
-        {"key": None, "shard": record["shard"], "reason": reason}]
+    """A shard that did not complete: its parts and error parts go; one error part names the shard
+    (a row with a null key) and has one row per key read before it failed, in input order."""
+    known = known_rows(layout, record, fmt)
+    why = f"shard failed: {reason}"
+    rows = [{"key": None, "shard": record["shard"], "reason": why}] + [
+        {"key": k, "shard": record["shard"], "reason": why + (f"; this sample: {e}" if e else "")} for k, e in known]
     path = layout.errors_path()
     layout.write_bytes(path, parquet_bytes(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)))
-    layout.remove([p["path"] for p in record["parts"]])
-    return {**record, "status": FAILED, "shard_error": reason, "parts": [], "written": 0, "moments": None,
-            "errors": [*record["errors"], path]}
+    layout.remove([p["path"] for p in record["parts"]] + record["errors"])
+    kept = {k: v for k, v in record.items() if k != "error_index"}
+    return {**kept, "status": FAILED, "shard_error": reason, "parts": [], "written": 0, "moments": None,
+            "failed": len(known), "errors": [path]}
 
 
 def remove_unnamed(layout: Layout, records: dict[str, dict[str, Any]]) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..latent_space import LatentSpace
-from .commit import read_part_keys
+from .commit import crash_point, read_part_keys
 from .formats import drop_rows, get_format
 from .index import Duplicates, PartRef, apply_drops, check_duplicates
 from .layout import Layout
@@ -103,8 +103,10 @@ def settle_duplicates(layout: Layout, commit_log: CommitLog, *, fmt: str, space:
     touched = {owner[path]["shard"]: owner[path] for path in found if path in owner}
     updated = [drop_from_record(layout, fmt, LatentSpace.from_dict(space), r, found, replaced) for r in touched.values()]
     updated += [{**r, "checked": True} for r in unchecked if r["shard"] not in touched]
+    crash_point("duplicates-copied")
     if updated:
         commit_log.append(updated)
+        crash_point("duplicates-logged")
     if replaced or finished:
         apply_drops(url=layout.index_url, storage_options=layout.storage_options, replaced={**finished, **replaced})
         layout.remove(sorted(replaced))

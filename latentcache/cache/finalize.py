@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .commit import crash_point
 from .layout import DATA, Layout
 from .log import CommitLog
 from .moments import Moments, merge_all, summary
@@ -42,6 +43,7 @@ def write_run_outputs(layout: Layout, commit_log: CommitLog, run: dict[str, Any]
     """Checkpoints the log and writes manifest and stats; returns counts, failed shards and completeness."""
     records = commit_log.state()
     table = relative_to(layout, commit_log.checkpoint())
+    crash_point("checkpoint")
     failed = {s: reason for s, reason in failed_shards(records).items() if s in set(planned)}
     missing = [s for s in planned if s not in records]
     failed.update({s: "shard never completed (rows missing from the pipeline)" for s in missing})

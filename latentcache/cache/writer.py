@@ -30,7 +30,7 @@ ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reaso
 NONFINITE_REASON = "non-finite latent"  # how encode.py's error rows for NaN/Inf latents begin
 BLOCK_META = pa.schema([
     ("shard", pa.string()), ("rows", pa.int64()), ("parts", pa.string()), ("errors", pa.string()),
-    ("error_rows", pa.int64()), ("nonfinite", pa.int64()), ("fp32_fallback", pa.int64()),
+    ("error_rows", pa.int64()), ("error_index", pa.string()), ("nonfinite", pa.int64()), ("fp32_fallback", pa.int64()),
     ("shard_rows", pa.int64()), ("shard_status", pa.string()), ("shard_error", pa.string()),
 ])
 
@@ -83,6 +83,29 @@ def build_part(rows: list[dict[str, Any]], spec: WriteSpec) -> PartData:
     return PartData(tensors, {}, meta_table(rows), store.name, spec.tensor_layout)
 
 
+@dataclass(frozen=True)
+class ShapeGroup:
+    """Good rows of one latent shape, their tensors decoded to float32 and stacked [N, ...]."""
+
+    tensors: dict[str, np.ndarray]
+    rows: list[dict[str, Any]]
+    store_dtype: str
+
+
+def group_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, ...], ShapeGroup]:
+    """Good encoded rows grouped by latent shape (what the stats stage reads; `codes` stay out)."""
+    by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_shape.setdefault(tuple(row["latent_shape"]), []).append(row)
+    groups = {}
+    for shape, members in by_shape.items():
+        store = codec(members[0]["store_dtype"])
+        names = [n for n in TENSOR_COLUMNS if n != "codes" and members[0][n] is not None]
+        tensors = {n: store.decode(np.stack([store.from_bytes(r[n], shape) for r in members])) for n in names}
+        groups[shape] = ShapeGroup(tensors, members, store.name)
+    return groups
+
+
 def write_parts(shard: str, good: list[dict[str, Any]], spec: WriteSpec) -> list[dict[str, Any]]:
     by_shape: dict[tuple, list[dict[str, Any]]] = {}
     for row in good:
@@ -120,10 +143,12 @@ def write_block(table: pa.Table, *, spec: WriteSpec) -> pa.Table:
         errors = write_errors(spec.layout, [{"key": r["key"], "shard": shard, "reason": r["error"]} for r in bad])
         good = [r for r in mine if r["error"] is None]
         out.append({"shard": shard, "rows": len(mine), "parts": json.dumps(write_parts(shard, good, spec)), "errors": errors,
-                    "error_rows": len(bad), "nonfinite": sum(r["error"].startswith(NONFINITE_REASON) for r in bad),
+                    "error_rows": len(bad), "error_index": json.dumps([r["index"] for r in bad]),
+                    "nonfinite": sum(r["error"].startswith(NONFINITE_REASON) for r in bad),
                     "fp32_fallback": sum(r["fallback"] == "fp32" for r in good), "shard_rows": marker.get("shard_rows"),
                     "shard_status": marker.get("shard_status"), "shard_error": marker.get("error")})
     return pa.Table.from_pylist(out, schema=BLOCK_META)
 
 
-__all__ = ["BLOCK_META", "CROP", "ERRORS_SCHEMA", "WriteSpec", "write_block", "parquet_bytes", "part_moments"]
+__all__ = ["BLOCK_META", "CROP", "ERRORS_SCHEMA", "WriteSpec", "group_rows", "write_block", "parquet_bytes",
+           "part_moments"]
