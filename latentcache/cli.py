@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .audit import AuditConfig
 
     audit = sub.add_parser("audit", help="Check a cache's integrity and reconstruction quality (exit 1 on failure).",
-                           description="Integrity and reconstruction audit; writes OUT/_audit/{metrics.parquet,summary.json,report.html}.")
+                           description="Integrity and reconstruction audit; writes OUT/__latentcache__/audit/{metrics.parquet,summary.json,report.html}.")
     add_dataclass_arguments(audit, AuditConfig)
     audit.set_defaults(func=cmd_audit)
     from .corpus_stats import StatsConfig

@@ -89,7 +89,7 @@ def clean_cache(ray_session, kl_model, input_pattern, tmp_path_factory) -> Path:
 
 def audit_cli(cache: Path, *extra: str) -> tuple[int, dict]:
     rc = main(["audit", "--cache", str(cache), *extra])
-    return rc, json.loads((cache / "_audit" / "summary.json").read_text())
+    return rc, json.loads((cache / "__latentcache__" / "audit" / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -129,7 +129,7 @@ def failed_rows(out: Path) -> dict[str, list[dict]]:
 def audit(out: Path, capsys) -> tuple[int, dict]:
     rc = main(["audit", "--cache", str(out), "--sample", "0"])
     capsys.readouterr()
-    return rc, json.loads((out / "_audit" / "summary.json").read_text())
+    return rc, json.loads((out / "__latentcache__" / "audit" / "summary.json").read_text())
 
 
 def check_failed_run(out: Path, shards: dict[str, tuple[str, list[str], str]], capsys) -> None:

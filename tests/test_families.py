@@ -191,7 +191,7 @@ def pipeline_images(vae: Any, x: torch.Tensor, family: str) -> np.ndarray:
 def test_audit_decodes_back_to_the_pipelines_image(family, models, images, caches):
     out = caches(family)
     assert main(["audit", "--cache", str(out), "--model", str(models[family]), "--sample", "3"]) == 0
-    metrics = pq.read_table(out / "_audit" / "metrics.parquet").to_pylist()
+    metrics = pq.read_table(out / "__latentcache__" / "audit" / "metrics.parquet").to_pylist()
     keys = sorted(images)
     with torch.no_grad():
         reference = pipeline_images(load(models[family]), pixels(images, keys), family)

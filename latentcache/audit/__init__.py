@@ -8,7 +8,7 @@
 - `inputs`, `decode`, `reconstruction`, `metrics`: decode a seeded sample of keys with the same VAE
   (on this process or Ray GPU actors), rebuild the preprocessed sources, score PSNR/SSIM (LPIPS
   when available offline).
-- `summary`, `report`, `run`: everything lands in CACHE/_audit/ (metrics.parquet, summary.json,
+- `summary`, `report`, `run`: everything lands in CACHE/__latentcache__/audit/ (metrics.parquet, summary.json,
   report.html); `run_audit` is the command.
 """
 

@@ -1,4 +1,4 @@
-"""summary.json, the outputs under CACHE/_audit/, and the lines the CLI prints."""
+"""summary.json, the outputs under CACHE/__latentcache__/audit/, and the lines the CLI prints."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from .. import storage
 from ..reader import Cache
 from ..sinks import parquet_bytes
 from .config import AuditConfig
+from ..cache.layout import META
 from .findings import Findings
 from .integrity import CacheScan
 from .metrics import distribution, json_number, lpips_status
 from .reconstruction import Reconstruction
 
-AUDIT_DIR = "_audit"
+# Under the cache's metadata folder: Hugging Face `datasets` would read a `_audit/*.parquet` as data.
+AUDIT_DIR = f"{META}/audit"
 
 
 def build_summary(cfg: AuditConfig, cache: Cache, scan: CacheScan, errors: list[str], findings: Findings,
