@@ -96,7 +96,7 @@ def audit_cli(cache: Path, *extra: str) -> tuple[int, dict]:
 def clean_audit(clean_cache, kl_model, input_pattern):
     rc, summary = audit_cli(clean_cache, "--input", input_pattern, "--model", str(kl_model), "--sample", "5",
                             "--top-k", "2")
-    return rc, summary, clean_cache / "_audit"
+    return rc, summary, clean_cache / "__latentcache__" / "audit"
 
 
 def test_clean_cache_passes_every_check(clean_audit):
@@ -189,7 +189,7 @@ def test_report_is_self_contained_html_with_the_images(clean_audit):
 @pytest.fixture()
 def damaged(clean_cache, tmp_path) -> Path:
     copy = tmp_path / "damaged"
-    shutil.copytree(clean_cache, copy, ignore=shutil.ignore_patterns("_audit"))
+    shutil.copytree(clean_cache, copy, ignore=shutil.ignore_patterns("audit"))
     return copy
 
 
@@ -255,7 +255,7 @@ def test_each_damage_is_detected_and_named(damage, damaged, input_pattern):
     assert rc == 1 and not summary["ok"]
     assert set(summary["failures_by_kind"]) == kinds
     assert any(named in f["detail"] for f in summary["failures"]), summary["failures"]
-    assert "FAILED" in (damaged / "_audit" / "report.html").read_text()
+    assert "FAILED" in (damaged / "__latentcache__" / "audit" / "report.html").read_text()
 
 
 def test_a_different_model_is_a_stale_cache(clean_cache, tmp_path):
@@ -288,7 +288,7 @@ def test_a_cache_on_s3_is_audited_in_place(clean_cache, s3):
     bucket, options = s3
     fs = fsspec.filesystem("s3", **options)
     for path in clean_cache.rglob("*"):
-        if path.is_file() and "_audit" not in path.parts:
+        if path.is_file() and "audit" not in path.parts:
             fs.pipe_file(f"{bucket}/cache/{path.relative_to(clean_cache).as_posix()}", path.read_bytes())
     url = f"s3://{bucket}/cache"
     assert main(["audit", "--cache", url, "--storage-options", json.dumps(options), "--sample", "2"]) == 0
@@ -312,7 +312,7 @@ def test_bucketed_random_crop_cache_rebuilds_the_same_sources(ray_session, kl_mo
                   buckets=True, bucket_step=16, crop="random", flip="both", seed=3) == 0
     assert len(Cache(str(out)).files) > 1, "several bucket shapes"
     rc, summary = audit_cli(out, "--input", str(tmp_path / "in" / "shard-00000.tar"), "--sample", "6")
-    rows = pq.read_table(out / "_audit" / "metrics.parquet").to_pylist()
+    rows = pq.read_table(out / "__latentcache__" / "audit" / "metrics.parquet").to_pylist()
     assert rc == 0 and summary["sample"]["status"] == {"ok": 6} and summary["sample"]["crop_mismatches"] == 0
     assert len({(r["height"], r["width"]) for r in rows}) > 1 and all(r["crop_matches"] for r in rows)
 
@@ -322,7 +322,7 @@ def test_bucketed_random_crop_cache_rebuilds_the_same_sources(ray_session, kl_mo
 
 def audit_metrics(cache: Path, **overrides) -> dict[str, float]:
     run_audit(AuditConfig(cache=str(cache), sample=3, **overrides))
-    return {r["key"]: r["psnr"] for r in pq.read_table(cache / "_audit" / "metrics.parquet").to_pylist()}
+    return {r["key"]: r["psnr"] for r in pq.read_table(cache / "__latentcache__" / "audit" / "metrics.parquet").to_pylist()}
 
 
 def test_ray_actors_and_exact_banded_decode_agree_with_the_driver(clean_cache, ray_session):
@@ -331,4 +331,4 @@ def test_ray_actors_and_exact_banded_decode_agree_with_the_driver(clean_cache, r
     exact = audit_metrics(clean_cache, decode_on="driver", decode_tiling="exact")
     assert driver == pytest.approx(actors, abs=1e-3)  # other thread counts may round a pixel differently
     assert list(driver) == list(exact) and driver == pytest.approx(exact, abs=0.05)
-    assert json.loads((clean_cache / "_audit" / "summary.json").read_text())["decode"]["tiling"] == "exact"
+    assert json.loads((clean_cache / "__latentcache__" / "audit" / "summary.json").read_text())["decode"]["tiling"] == "exact"
