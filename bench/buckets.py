@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentcache.config import EncodeConfig, build_config  # noqa: E402
+from latentcache.config import EncodeConfig, build_config
 
 SIZES = [(256, 256), (224, 288), (288, 224), (192, 336), (336, 192), (176, 368), (368, 176),
          (160, 416), (416, 160), (144, 448), (448, 144)]
@@ -100,7 +100,8 @@ def encoder_only(inputs: str, model: str, root: Path, batch_size: int) -> dict[s
             encoder(batch)
         seconds = time.perf_counter() - started
         result[name] = {"vae_calls": calls, "rows_per_call": rows / calls, "images_per_s": rows / seconds}
-        print(f"  encoder only, {name:8s}: {calls} VAE calls, {rows / calls:.1f} rows/call, {rows / seconds:.1f} images/s", flush=True)
+        rate = rows / seconds
+        print(f"  encoder only, {name:8s}: {calls} VAE calls, {rows / calls:.1f} rows/call, {rate:.1f} images/s", flush=True)
     return result
 
 

@@ -23,19 +23,20 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentcache.config import EncodeConfig  # noqa: E402
-from latentcache.preprocess import PreprocessSpec, preprocess_image  # noqa: E402
-from latentcache.samples import make_shards  # noqa: E402
-from latentcache.sources import SourceOptions, plan_shards, read_tar  # noqa: E402
+from latentcache.config import EncodeConfig
+from latentcache.preprocess import PreprocessSpec, preprocess_image
+from latentcache.samples import make_shards
+from latentcache.sources import SourceOptions, plan_shards, read_tar
 
 
 @dataclass(frozen=True, kw_only=True)

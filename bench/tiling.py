@@ -40,7 +40,7 @@ SD_ENCODER = dict(
 )
 
 
-def build_vae(device: str):  # noqa: ANN201 - diffusers import kept lazy for the parent process
+def build_vae(device: str):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)  # same random weights in every subprocess
@@ -66,7 +66,7 @@ def _box(xs: torch.Tensor, ys: torch.Tensor, cx: float, cy: float, r: float) -> 
     return ((xs - cx).abs() < half) & ((ys - cy).abs() < half * 0.6)
 
 
-def encode(vae, x: torch.Tensor, method: str, args: argparse.Namespace) -> torch.Tensor:  # noqa: ANN001
+def encode(vae, x: torch.Tensor, method: str, args: argparse.Namespace) -> torch.Tensor:
     from latentcache.tiling import exact_encode_moments
 
     if method.startswith("exact"):
@@ -79,7 +79,7 @@ def _store(method: str, args: argparse.Namespace) -> str:
     return "file" if method == "exact-file" else args.store
 
 
-def configure(vae, method: str, args: argparse.Namespace) -> str:  # noqa: ANN001
+def configure(vae, method: str, args: argparse.Namespace) -> str:
     if method == "diffusers":
         vae.enable_tiling()
         # diffusers only tiles inputs larger than tile_sample_min_size (default: sample_size).
@@ -194,7 +194,8 @@ def _row_line(r: dict) -> str:
 
 
 HEADER = (
-    "| size px | method | wall s | CPU s | peak MB | peak over base MB | rel. L2 vs none | max abs vs none | setting |\n"
+    "| size px | method | wall s | CPU s | peak MB | peak over base MB "
+    "| rel. L2 vs none | max abs vs none | setting |\n"
     "|---:|---|---:|---:|---:|---:|---:|---:|---|"
 )
 

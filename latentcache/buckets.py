@@ -12,16 +12,16 @@ generator seeded by (seed, key) only, so reruns, batch sizes and worker counts a
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from .config import ConfigError
+from .errors import UserError
 from .preprocess import PreprocessSpec, preprocess_batch
+from .seeding import crop_rng
 
 Bucket = tuple[int, int]  # (height, width) in pixels
 VAE_MULTIPLE = 8  # every diffusers VAE downsamples by a multiple of 8
@@ -30,11 +30,41 @@ VAE_MULTIPLE = 8  # every diffusers VAE downsamples by a multiple of 8
 SIDE_MULTIPLE = 16
 
 
+class BucketSettings(Protocol):
+    """The bucket options of a command's config (`config.EncodeConfig` has them all), read-only."""
+
+    @property
+    def resolution(self) -> int: ...
+    @property
+    def buckets(self) -> bool | list: ...
+    @property
+    def bucket_area(self) -> str | None: ...
+    @property
+    def bucket_step(self) -> int: ...
+    @property
+    def bucket_min(self) -> int | None: ...
+    @property
+    def bucket_max(self) -> int | None: ...
+    @property
+    def bucket_no_upscale(self) -> bool: ...
+    @property
+    def crop(self) -> str: ...
+    @property
+    def flip(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+
+
+class BucketError(UserError, ValueError):
+    """A bucket setting is wrong; the message names the flag. (Its own class, not config.ConfigError:
+    config validates buckets through this module, so this module must not import config.)"""
+
+
 def parse_area(text: str) -> Bucket:
     """'1024x1024' -> (1024, 1024)."""
     parts = str(text).lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ConfigError(f"--bucket-area must look like 1024x1024 (HxW, positive integers), got {text!r}")
+        raise BucketError(f"--bucket-area must look like 1024x1024 (HxW, positive integers), got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
@@ -81,12 +111,6 @@ def same_ratio_fit(bucket: Bucket, height: int, width: int) -> Bucket:
     return k * unit_h, k * unit_w
 
 
-def crop_rng(seed: int, key: str) -> np.random.Generator:
-    """A generator per (seed, key); the tag keeps it apart from the posterior noise of the same key."""
-    digest = hashlib.sha256(f"crop\0{seed}\0{key}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
 @dataclass(frozen=True, kw_only=True)
 class BucketPlanner:
     """`preprocess.Planner`: (key, height, width) -> (target height, target width, crop mode, rng)."""
@@ -105,14 +129,14 @@ class BucketPlanner:
         return bh, bw, self.crop, crop_rng(self.seed, key) if self.crop == "random" else None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "BucketPlanner":
+    def from_config(cls, cfg: BucketSettings) -> BucketPlanner:
         return cls(buckets=tuple(bucket_set(cfg)), crop=cfg.crop, no_upscale=cfg.bucket_no_upscale, seed=cfg.seed)
 
 
 # ---- the bucket set of a run, and its validation ---------------------------------------------
 
 
-def side_range(cfg: Any, area: int) -> tuple[int, int]:
+def side_range(cfg: BucketSettings, area: int) -> tuple[int, int]:
     """--bucket-min/--bucket-max, by default half and twice the square side (rounded to the step)."""
     side, step = math.isqrt(area), cfg.bucket_step
     low = cfg.bucket_min if cfg.bucket_min is not None else max(step, side // 2 // step * step)
@@ -120,7 +144,7 @@ def side_range(cfg: Any, area: int) -> tuple[int, int]:
     return low, high
 
 
-def bucket_set(cfg: Any) -> list[Bucket]:
+def bucket_set(cfg: BucketSettings) -> list[Bucket]:
     """The run's buckets: the explicit list, the generated set, or the one square of --resolution."""
     if isinstance(cfg.buckets, list):
         return sort_buckets(cfg.buckets)
@@ -131,13 +155,13 @@ def bucket_set(cfg: Any) -> list[Bucket]:
     return generate_buckets(h * w, step=cfg.bucket_step, min_side=low, max_side=high)
 
 
-def validate_bucket_config(cfg: Any) -> None:
+def validate_bucket_config(cfg: BucketSettings) -> None:
     """Clear one-line errors for every bucket setting; called from config.validate_encode."""
     if cfg.bucket_step <= 0 or cfg.bucket_step % VAE_MULTIPLE:
-        raise ConfigError(f"--bucket-step must be a positive multiple of {VAE_MULTIPLE}, got {cfg.bucket_step}")
+        raise BucketError(f"--bucket-step must be a positive multiple of {VAE_MULTIPLE}, got {cfg.bucket_step}")
     given = [n for n in ("bucket_area", "bucket_min", "bucket_max") if getattr(cfg, n) is not None]
     if given and cfg.buckets is not True:
-        raise ConfigError(f"--{given[0].replace('_', '-')} needs --buckets (a generated bucket set)")
+        raise BucketError(f"--{given[0].replace('_', '-')} needs --buckets (a generated bucket set)")
     if isinstance(cfg.buckets, list):
         check_bucket_list(cfg.buckets)
     elif cfg.buckets:
@@ -146,26 +170,27 @@ def validate_bucket_config(cfg: Any) -> None:
 
 def check_bucket_list(buckets: list) -> None:
     if not buckets:
-        raise ConfigError("buckets: the list is empty; give [[h, w], ...] or true")
+        raise BucketError("buckets: the list is empty; give [[h, w], ...] or true")
     for item in buckets:
         ok = isinstance(item, list) and len(item) == 2 and all(type(v) is int and v > 0 for v in item)
         if not ok or any(v % VAE_MULTIPLE for v in item):
-            raise ConfigError(f"buckets: each entry must be [height, width], positive multiples of {VAE_MULTIPLE}; got {item!r}")
+            raise BucketError(f"buckets: each entry must be [height, width], positive multiples of {VAE_MULTIPLE}; got {item!r}")
 
 
-def check_generated(cfg: Any) -> None:
+def check_generated(cfg: BucketSettings) -> None:
     h, w = parse_area(cfg.bucket_area) if cfg.bucket_area else (cfg.resolution, cfg.resolution)
     low, high = side_range(cfg, h * w)
     for name, value in (("bucket_min", low), ("bucket_max", high)):
         if value <= 0 or value % cfg.bucket_step:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive multiple of --bucket-step {cfg.bucket_step}, got {value}")
+            flag = "--" + name.replace("_", "-")
+            raise BucketError(f"{flag} must be a positive multiple of --bucket-step {cfg.bucket_step}, got {value}")
     if low > high:
-        raise ConfigError(f"--bucket-min {low} is larger than --bucket-max {high}")
+        raise BucketError(f"--bucket-min {low} is larger than --bucket-max {high}")
     if not bucket_set(cfg):
-        raise ConfigError(f"no bucket of area {h}x{w} has both sides within [{low}, {high}]; widen --bucket-min/--bucket-max")
+        raise BucketError(f"no bucket of area {h}x{w} has both sides within [{low}, {high}]; widen --bucket-min/--bucket-max")
 
 
-def bucket_identity(cfg: Any) -> dict[str, Any]:
+def bucket_identity(cfg: BucketSettings) -> dict[str, Any]:
     """What the manifest's preprocess entry records, so a changed bucket setting is a stale cache."""
     return {"crop": cfg.crop, "crop_seed": cfg.seed if cfg.crop == "random" else None,
             "buckets": [list(b) for b in bucket_set(cfg)] if cfg.buckets else None,

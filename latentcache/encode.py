@@ -9,7 +9,6 @@ key, so a key's sample never depends on batch size, concurrency or order.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,8 +23,11 @@ from .models import (TORCH_DTYPES, Encoded, ModelSpec, compute_dtype, enable_til
                      model_device)
 from .preprocess import pixels_of, to_model_input
 from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, carry, good_mask
+from .seeding import per_key_noise as per_key_noise  # re-exported: callers import it from here too
+from .seeding import posterior_sample
 from .sinks import NONFINITE_REASON
 from .tiling import exact_encode_moments, exact_tiling_support
+from .tiling.rule import auto_mode
 
 log = logging.getLogger(__name__)
 FLIP_SUFFIX = "#flip"  # the flipped crop's noise key: differs from the key's, and is just as stable
@@ -59,16 +61,6 @@ class EncodeSpec:
     def from_config(cls, cfg: Any) -> "EncodeSpec":
         names = cls.__dataclass_fields__.keys() - {"threads"}
         return cls(threads=cfg.encoder_threads, **{n: getattr(cfg, n) for n in names})
-
-
-def key_seed(seed: int, key: str) -> int:
-    """A stable 63-bit seed per (run seed, key): the same on every machine and Python version."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "little") >> 1
-
-
-def per_key_noise(keys: list[str], shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Standard normal noise [B, *shape], drawn on CPU in float32 so devices agree."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(key_seed(seed, k))) for k in keys])
 
 
 def store_bytes(x: torch.Tensor, store_dtype: str) -> list[bytes]:
@@ -107,10 +99,10 @@ class LatentEncoder:
 
     def _encode_fn(self, x: torch.Tensor) -> Callable[[Any, torch.Tensor], Encoded]:
         """Exact band-by-band encoding when asked, or (auto) when the image is over the threshold."""
-        large = x.shape[-2] * x.shape[-1] > self.spec.tile_threshold
-        if self.exact and (self.spec.tiling == "exact" or large):
-            return self._encode_exact
-        return self.family.encode
+        mode = self.spec.tiling
+        if mode == "auto":
+            mode = auto_mode(x.shape[-2] * x.shape[-1], threshold=self.spec.tile_threshold, exact_supported=self.exact)
+        return self._encode_exact if self.exact and mode == "exact" else self.family.encode
 
     def _encode_exact(self, vae: Any, x: torch.Tensor) -> Encoded:
         dist = DiagonalGaussianDistribution(exact_encode_moments(vae, x, band_mb=self.spec.band_mb))
@@ -160,7 +152,7 @@ class LatentEncoder:
         """Stored-space tensors for one same-shape group."""
         z = encoded.mean
         if self.spec.posterior == "sample" and encoded.std is not None:
-            z = encoded.mean + encoded.std * per_key_noise(keys, tuple(z.shape[1:]), self.spec.seed).to(z.device)
+            z = posterior_sample(encoded.mean, encoded.std, keys, self.spec.seed)
         out = {"latent": self.space.to_model(z)} if self.spec.vq_output != "codes" or encoded.codes is None else {}
         if self.spec.store_posterior and encoded.std is not None:
             out["posterior_mean"] = self.space.to_model(encoded.mean)

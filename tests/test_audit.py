@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from latentcache.audit import AuditConfig, run_audit, sample_keys
+from latentcache.audit.metrics import distribution, lpips_status, psnr, ssim
 from latentcache.cli import main
-from latentcache.metrics import distribution, lpips_status, psnr, ssim
 from latentcache.reader import Cache
 from latentcache.samples import make_shards, make_vae, write_tar
 from latentcache.sinks import column_to_numpy, fixed_shape_tensor_array

@@ -21,13 +21,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from latentcache.buckets import (BucketPlanner, crop_rng, generate_buckets, nearest_bucket, preprocess_bucketed,
-                                 same_ratio_fit)
+from latentcache.buckets import BucketPlanner, generate_buckets, nearest_bucket, preprocess_bucketed, same_ratio_fit
 from latentcache.encode import FLIP_SUFFIX, EncodeSpec, LatentEncoder, group_by_shape, per_key_noise
 from latentcache.models import ModelSpec
 from latentcache.preprocess import PreprocessSpec, preprocess_image
 from latentcache.rows import RAW_SCHEMA, TENSOR_COLUMNS
 from latentcache.samples import encode_image, natural_image, write_tar
+from latentcache.seeding import crop_rng
 
 from .helpers import encode, manifest
 

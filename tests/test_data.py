@@ -17,8 +17,16 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 
 from latentcache.cli import main
-from latentcache.data import (BucketBatchSampler, LatentDataset, LatentMapDataset, decoder_config, epoch_noise,
-                              ray_dataset, row_slices, torch_collate)
+from latentcache.data import (
+    BucketBatchSampler,
+    LatentDataset,
+    LatentMapDataset,
+    decoder_config,
+    epoch_noise,
+    ray_dataset,
+    row_slices,
+    torch_collate,
+)
 from latentcache.latent_space import LatentSpace
 from latentcache.reader import Cache, CacheError
 from latentcache.samples import make_shards, natural_image, write_tar

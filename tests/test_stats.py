@@ -10,13 +10,14 @@ import pytest
 from PIL import Image
 
 from latentcache.cli import main
-from latentcache.corpus_stats import (Accumulator, Partial, block_partials, bootstrap_interval, resampled,
-                                      row_priority)
 from latentcache.latent_space import LatentSpace
 from latentcache.reader import Cache
 from latentcache.rows import ENCODED_SCHEMA
 from latentcache.samples import make_shards
+from latentcache.seeding import per_key_noise, row_priority
 from latentcache.stats import Moments, merge_all
+from latentcache.stats.bootstrap import bootstrap_interval, resampled
+from latentcache.stats.partials import Accumulator, Partial, block_partials
 
 from .helpers import encode
 
@@ -273,8 +274,6 @@ def test_sample_fraction_and_posterior_sample(ray_session, kl_model, corpus, cac
 
 def posterior_samples(cache_dir, seed: int) -> np.ndarray:
     """mean + std * noise per key, from the stored posterior, with encode's own per-key noise."""
-    from latentcache.encode import per_key_noise
-
     mean, keys, _ = raw_of(cache_dir, "posterior_mean")
     std = raw_of(cache_dir, "posterior_std")[0]  # under the "scale" convention (no offset) to_raw of a std is std / scale
     return mean + std * per_key_noise(keys, mean.shape[1:], seed).numpy()

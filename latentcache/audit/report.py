@@ -57,7 +57,8 @@ def histogram_svg(values: list[float], *, bins: int = 20, width: int = 600, heig
     bar_w, top = width / bins, max(counts.max(), 1)
     bars = "".join(
         f"<rect x='{i * bar_w:.1f}' y='{height - 20 - c / top * (height - 40):.1f}' width='{bar_w - 1:.1f}' "
-        f"height='{c / top * (height - 40):.1f}' fill='#4a7bd0'><title>{edges[i]:.2f}-{edges[i + 1]:.2f} dB: {c}</title></rect>"
+        f"height='{c / top * (height - 40):.1f}' fill='#4a7bd0'>"
+        f"<title>{edges[i]:.2f}-{edges[i + 1]:.2f} dB: {c}</title></rect>"
         for i, c in enumerate(counts))
     axis = (f"<text x='0' y='{height - 4}' font-size='12'>{edges[0]:.2f} dB</text>"
             f"<text x='{width}' y='{height - 4}' font-size='12' text-anchor='end'>{edges[-1]:.2f} dB</text>"
@@ -115,7 +116,8 @@ def pairs_section(title: str, rows: list[dict[str, Any]], images: dict[str, Any]
     body = "".join(
         f"<tr><td><code>{esc(r['key'])}</code></td><td>{fmt(r['psnr'])}</td><td>{fmt(r['ssim'])}</td>"
         f"<td><img alt='original {esc(r['key'])}' src='{png_data_uri(images[r['key']].original)}'></td>"
-        f"<td><img alt='reconstruction {esc(r['key'])}' src='{png_data_uri(images[r['key']].reconstruction)}'></td></tr>"
+        f"<td><img alt='reconstruction {esc(r['key'])}' "
+        f"src='{png_data_uri(images[r['key']].reconstruction)}'></td></tr>"
         for r in rows)
     return f"<h2>{esc(title)}</h2><table>{head}{body}</table>"
 

@@ -6,9 +6,10 @@ order and grouping; the result equals numpy's mean/std over all elements to floa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -22,11 +23,7 @@ class Moments:
     m2: np.ndarray  # [C] float64
 
     @classmethod
-    def empty(cls, channels: int) -> "Moments":
-        return cls(np.zeros(channels, np.int64), np.zeros(channels), np.zeros(channels))
-
-    @classmethod
-    def of(cls, latents: np.ndarray) -> "Moments":
+    def of(cls, latents: np.ndarray) -> Moments:
         """Moments of a block [N, C, ...] (any float dtype), computed in float64."""
         x = np.asarray(latents, dtype=np.float64)
         x = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
@@ -37,7 +34,7 @@ class Moments:
     def channels(self) -> int:
         return len(self.count)
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """Chan et al.'s parallel update: exact for any split of the data."""
         if self.channels != other.channels:
             raise ValueError(f"cannot merge statistics of {self.channels} and {other.channels} channels")
@@ -48,7 +45,7 @@ class Moments:
         m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / safe_n)
         return Moments(n, mean, m2)
 
-    def pooled(self) -> "Moments":
+    def pooled(self) -> Moments:
         """All channels merged into one."""
         return reduce(Moments.merge, (Moments(self.count[c:c + 1], self.mean[c:c + 1], self.m2[c:c + 1])
                                       for c in range(self.channels)))
@@ -61,7 +58,7 @@ class Moments:
         return {"count": self.count.tolist(), "mean": self.mean.tolist(), "m2": self.m2.tolist()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Moments":
+    def from_dict(cls, data: dict[str, Any]) -> Moments:
         return cls(np.asarray(data["count"], np.int64), np.asarray(data["mean"], np.float64), np.asarray(data["m2"], np.float64))
 
 
