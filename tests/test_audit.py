@@ -300,7 +300,7 @@ def test_a_cache_on_s3_is_audited_in_place(clean_cache, s3):
 
 def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["audit", "--cache", str(tmp_path / "nothing")]) == 2
-    assert "no _manifest.json" in capsys.readouterr().err
+    assert "no __latentcache__/manifest.json" in capsys.readouterr().err
     assert main(["audit", "--cache", str(tmp_path), "--sample", "-1"]) == 2
 
 

@@ -240,7 +240,7 @@ def cache_rows(out: Path) -> dict[str, dict]:
     from latentcache.sinks import column_to_numpy
 
     rows = {}
-    for path in sorted(Path(out).glob("shard-*.parquet")):
+    for path in sorted(Path(out).glob("data/*/part-*.parquet")):
         table = pq.read_table(path)
         tensors = {n: column_to_numpy(table.column(n)) for n in TENSOR_COLUMNS if n in table.column_names}
         for i, row in enumerate(table.drop_columns(list(tensors)).to_pylist()):
@@ -256,7 +256,7 @@ def test_rows_carry_bucket_and_sdxl_metadata(bucket_cache, varied_shards):
         row = rows[key]
         assert (row["original_height"], row["original_width"]) == size
         assert (row["bucket_height"], row["bucket_width"]) == bucket
-        assert row["file"].endswith(f"_{bucket[0]}x{bucket[1]}.parquet")  # one file per (shard, bucket)
+        assert row["file"].startswith(f"part-{bucket[0]}x{bucket[1]}-")  # one file per (shard, bucket)
         assert row["latent"].shape == (4, bucket[0] // 8, bucket[1] // 8) == row["latent_flipped"].shape
     m = manifest(bucket_cache)
     assert m["counts"] == {"input": 14, "written": 13, "failed": 1, "fp32_fallback": 0}
@@ -303,7 +303,7 @@ def test_sdxl_time_ids_as_docs_build_them(bucket_cache):
 
 
 def test_stats_merge_across_buckets(bucket_cache):
-    stats = json.loads((bucket_cache / "_stats.json").read_text())
+    stats = json.loads((bucket_cache / "__latentcache__" / "stats.json").read_text())
     raw = np.concatenate([r["latent"].reshape(4, -1) for r in cache_rows(bucket_cache).values()], axis=1)
     raw = raw.astype(np.float64) / stats["latent_space"]["scaling_factor"]
     np.testing.assert_allclose(stats["channel_mean"], raw.mean(axis=1), rtol=1e-9)
@@ -325,8 +325,8 @@ def test_reruns_and_batch_sizes_agree_and_nested_layout_loads_per_bucket(bucket_
         np.testing.assert_allclose(first[key]["latent"], second[key]["latent"], atol=1e-5, rtol=0)
     # Hugging Face datasets: one dataset per bucket (as the README shows), each of one shape
     by_bucket: dict[str, list[str]] = {}
-    for path in sorted(out.glob("shard-*.parquet")):
-        by_bucket.setdefault(path.stem.rsplit("_", 1)[1], []).append(str(path))
+    for path in sorted(out.glob("data/*/part-*.parquet")):
+        by_bucket.setdefault(path.name.split("-")[1], []).append(str(path))
     splits = {bucket: datasets.load_dataset("parquet", data_files=paths, split="train").with_format("torch")
               for bucket, paths in by_bucket.items()}
     assert sorted(splits) == sorted(f"{h}x{w}" for h, w in set(EXPECTED.values()))

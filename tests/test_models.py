@@ -270,7 +270,7 @@ def test_safetensors_output_reads_with_cache_and_plain_safetensors(model_dir, pn
     from safetensors.torch import load_file
 
     out = cli_run("kl-4ch", model_dir, png_shard, runs)
-    path = out / "shard-00000.safetensors"
+    path = next(out.glob("data/shard-00000/part-*.safetensors"))
     plain = load_file(path)
     assert set(plain) == {"latent", "posterior_mean", "posterior_std"}
     assert plain["latent"].shape == (len(images), 4, SIZE // 8, SIZE // 8) and plain["latent"].dtype == torch.float32
@@ -281,8 +281,8 @@ def test_safetensors_output_reads_with_cache_and_plain_safetensors(model_dir, pn
     assert rows[0]["caption"] == f"caption of {keys[0]}" and rows[0]["original_height"] == SIZE
     cache_keys, tensors = cache_tensors(out)
     assert cache_keys == keys and np.array_equal(tensors["latent"], plain["latent"].numpy())
-    for name in ("_manifest.json", "_errors.parquet", "_stats.json"):
-        assert (out / name).is_file()
+    for name in ("manifest.json", "stats.json"):
+        assert (out / "__latentcache__" / name).is_file()
     assert manifest(out)["format"] == "safetensors" and errors(out).num_rows == 0
 
 
@@ -291,12 +291,12 @@ def test_safetensors_bf16_storage(model_dir, png_shard, images, runs):
 
     folder = model_dir("kl-no-mid-attention", "per_channel")
     out = cli_run("kl-no-mid-attention", model_dir, png_shard, runs)
-    plain = load_file(out / "shard-00000.safetensors")
+    plain = load_file(next(out.glob("data/shard-00000/part-*.safetensors")))
     assert plain["latent"].dtype == torch.bfloat16
     keys, tensors = cache_tensors(out)
     expected = to_stored(direct(folder, stack_for(keys, images))["mean"], config_of(folder))
     np.testing.assert_allclose(tensors["latent"], expected, rtol=2 ** -7, atol=1e-2)
-    stats = json.loads((out / "_stats.json").read_text())  # computed from the bf16 values a reader gets back
+    stats = json.loads((out / "__latentcache__" / "stats.json").read_text())  # computed from the bf16 values a reader gets back
     raw = tensors["latent"].astype(np.float64) * np.asarray(config_of(folder)["latents_std"]).reshape(-1, 1, 1) / 0.5
     raw += np.asarray(config_of(folder)["latents_mean"]).reshape(-1, 1, 1)
     np.testing.assert_allclose(stats["channel_mean"], raw.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-9)

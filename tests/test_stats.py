@@ -282,7 +282,7 @@ def posterior_samples(cache_dir, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("argv, message", [
     ([], "either --cache"),
     (["--input", "x.tar"], "--input needs --model"),
-    (["--cache", "nowhere"], "no _manifest.json"),
+    (["--cache", "nowhere"], "no __latentcache__/manifest.json"),
     (["--cache", "c", "--max-samples", "3"], "apply to a raw corpus"),
     (["--input", "x.tar", "--model", "m", "--sample-fraction", "1.5"], "(0, 1]"),
 ])

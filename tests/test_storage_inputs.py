@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from latentcache import storage
+from latentcache.cache.layout import META
 from latentcache.samples import natural_image, write_tar
 from latentcache.sources import plan_shards
 
@@ -78,7 +79,7 @@ def test_parquet_and_folder_inputs_give_the_tar_latents(fmt, name, tar_cache, in
     for key, (latent, caption) in got.items():
         assert caption == corpus[key][1] == want[key][1]
         np.testing.assert_array_equal(latent, want[key][0])  # same bytes, same batches: same latents
-    assert (out / f"{name}.parquet").is_file()  # one output file per input file, named after it
+    assert list((out / "data" / name).glob("part-*.parquet"))  # parts under data/<input name>/
     assert manifest(out)["config"]["input_format"] == "auto" and manifest(out)["counts"]["written"] == len(corpus)
 
 
@@ -134,12 +135,15 @@ def test_s3_round_trip_matches_local_byte_for_byte_and_keeps_the_secret(s3, s3_s
     assert encode(input=f"s3://{bucket}/in/shard-{{00000..00000}}.tar", output=f"s3://{bucket}/cache",
                   model=kl_model, storage_options=options, **RUN) == 0
     objects = s3_objects(s3_server, bucket)
-    assert {"cache/shard-00000.parquet", "cache/_manifest.json", "cache/_stats.json", "cache/_errors.parquet"} <= set(objects)
-    remote = pq.read_table(pa.BufferReader(objects["cache/shard-00000.parquet"]))
-    local = pq.read_table(tar_cache / "shard-00000.parquet")
+    meta = f"cache/{META}"
+    assert {f"{meta}/manifest.json", f"{meta}/stats.json"} <= set(objects)
+    parts = [k for k in objects if k.startswith("cache/data/shard-00000/")]
+    assert len(parts) == 1
+    remote = pq.read_table(pa.BufferReader(objects[parts[0]]))
+    local = read_cache(tar_cache)
     assert remote.column("key").to_pylist() == local.column("key").to_pylist()
     assert latents(remote).tobytes() == latents(local).tobytes()
-    m = json.loads(objects["cache/_manifest.json"])
+    m = json.loads(objects[f"{meta}/manifest.json"])
     assert m["complete"] and "storage_options" not in m["config"] and m["config"]["output"] == f"s3://{bucket}/cache"
     leaks = [k for k, body in objects.items() if secret.encode() in body]
     assert leaks == []

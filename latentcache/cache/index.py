@@ -35,8 +35,9 @@ import math
 import posixpath
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +46,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..errors import LatentcacheError
-from .log import remove_many
+from .log import read_object, remove_many
 
 POINTER = "index.json"
 INDEX_SCHEMA = pa.schema([("hash", pa.uint64()), ("key", pa.string()), ("part", pa.uint32())])
@@ -77,8 +78,10 @@ class Duplicates(dict):
         self.setdefault(path, {})[key] = keeper_shard
         if kept_here:
             self.kept_here.setdefault(path, set()).add(key)
-        elif key in self.kept_here.get(path, ()):
-            self.kept_here[path].discard(key)  # an earlier copy arrived: every row of it here goes
+        elif key in self.kept_here.get(path, ()):  # an earlier copy arrived: every row of it here goes
+            self.kept_here[path].discard(key)
+            if not self.kept_here[path]:
+                del self.kept_here[path]
 
     def relabel(self, keepers: dict[str, str]) -> None:
         """Names the current keeper shard in drops found earlier (a keeper can be displaced)."""
@@ -96,12 +99,19 @@ class Duplicates(dict):
         return mask
 
     def __eq__(self, other: object) -> bool:
-        return dict.__eq__(self, other) and getattr(other, "kept_here", {}) == self.kept_here
+        """A plain dict compares as a dict; two Duplicates compare `kept_here` too."""
+        if not isinstance(other, Duplicates):
+            return dict.__eq__(self, other)
+        return dict.__eq__(self, other) and nonempty(self.kept_here) == nonempty(other.kept_here)
 
     def __ne__(self, other: object) -> bool:
         return not self == other
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like dict
+
+
+def nonempty(kept_here: dict[str, set[str]]) -> dict[str, set[str]]:
+    return {path: keys for path, keys in kept_here.items() if keys}
 
 
 def blake2b_64(keys: list[str]) -> np.ndarray:
@@ -132,17 +142,21 @@ class Pointer:
 
 
 def map_parts(parts: list[tuple[int, str]], read_keys: Callable[[str], list[str]], hash_keys: HashKeys,
-              partitions: int) -> list[pa.Table]:
-    """The keys of some parts as (hash, key, part, row) tables, one per partition, plus the counts
-    (a last item, an int array) that let the driver skip partitions that received nothing."""
+              partitions: int) -> tuple[pa.Table, np.ndarray]:
+    """The keys of some parts as one (hash, key, part, row) table sorted by partition, and the row
+    count of each partition (which lets the driver skip partitions that received nothing).
+    One table, not one per partition: Ray keeps small task results in the driver's own memory,
+    and P small pieces per map task would put every key there."""
     tables = [part_table(number, read_keys(path), hash_keys) for number, path in parts]
     whole = pa.concat_tables(tables) if tables else part_table(0, [], hash_keys)
     bucket = whole["hash"].to_numpy() % np.uint64(partitions)
     order = np.argsort(bucket, kind="stable")
-    counts = np.bincount(bucket.astype(np.int64), minlength=partitions)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    ordered = whole.take(pa.array(order))
-    return [ordered.slice(starts[p], counts[p]) for p in range(partitions)] + [counts]
+    return whole.take(pa.array(order)), np.bincount(bucket.astype(np.int64), minlength=partitions)
+
+
+def partition_slices(counts: list[np.ndarray], partition: int) -> list[tuple[int, int]]:
+    """(offset, length) of `partition` in each map output."""
+    return [(int(c[:partition].sum()), int(c[partition])) for c in counts]
 
 
 def part_table(number: int, keys: list[str], hash_keys: HashKeys) -> pa.Table:
@@ -158,10 +172,11 @@ class ReduceResult:
     drops: list[tuple[int, str, int]]  # (part holding a later copy, key, part holding the kept copy)
 
 
-def reduce_partition(spec: dict[str, Any], rank: np.ndarray, *new_tables: pa.Table) -> ReduceResult:
+def reduce_partition(spec: dict[str, Any], rank: np.ndarray, *map_outputs: pa.Table) -> ReduceResult:
     """Merges one partition's new keys with its current version. `spec`: url, storage_options,
-    partition, current (file name or None). `rank`: each part's place in input order."""
-    new = pa.concat_tables(new_tables)
+    partition, current (file name or None), slices ((offset, length) of the partition in each map
+    output). `rank`: each part's place in input order."""
+    new = pa.concat_tables([t.slice(*where) for t, where in zip(map_outputs, spec["slices"])])
     old = read_partition(spec["url"], spec["storage_options"], spec["current"])
     new_hash, old_hash = new["hash"].to_numpy(), old["hash"].to_numpy()
     unique, counts = np.unique(new_hash, return_counts=True)
@@ -218,16 +233,20 @@ def read_partition(url: str, storage_options: dict, name: str | None) -> pa.Tabl
 
 
 def check_duplicates(*, url: str, storage_options: dict, new: list[PartRef], read_keys: Callable[[str], list[str]],
-                     partitions: int = 256, hash_keys: HashKeys = blake2b_64, map_tasks: int = 64) -> Duplicates:
+                     partitions: int = 256, hash_keys: HashKeys = blake2b_64, map_tasks: int = 64,
+                     use_ray: bool | None = None) -> Duplicates:
     """Indexes the keys of `new` parts; returns every later copy not yet dropped (see the module
-    docstring). `partitions` applies when the index is created; `hash_keys` must match it."""
+    docstring). `partitions` applies when the index is created; `hash_keys` must match it.
+    `use_ray`: None = on Ray when it is initialised; False = inline (a test, a small run)."""
     pointer = read_pointer(url, storage_options, partitions, hash_keys)
     shards, paths = read_parts(url, storage_options, pointer.parts)
     known = len(paths)
     numbers = number_parts(new, shards, paths)
     ordered = sorted(dict.fromkeys(new), key=lambda r: (r.shard, r.path))
     groups = chunks([(numbers[ref.path], ref.path) for ref in ordered], map_tasks)
-    results = run_tasks(pointer, url, storage_options, groups, input_rank(shards, paths), read_keys, hash_keys)
+    on_ray = ray_running() if use_ray is None else use_ray
+    results = run_tasks(pointer, url, storage_options, groups, input_rank(shards, paths), read_keys, hash_keys,
+                        on_ray)
     found, keepers = pointer.duplicates(), {}
     for result in results:
         for part, key, keeper in result.drops:
@@ -262,7 +281,8 @@ def number_parts(new: list[PartRef], shards: list[str], paths: list[str]) -> dic
     position = {path: i for i, path in enumerate(paths)}
     for ref in sorted(new, key=lambda r: (r.shard, r.path)):
         if ref.path in position and shards[position[ref.path]] != ref.shard:
-            raise DuplicateIndexError(f"part {ref.path} is indexed for shard {shards[position[ref.path]]}, not {ref.shard}")
+            owner = shards[position[ref.path]]
+            raise DuplicateIndexError(f"part {ref.path} is indexed for shard {owner}, not {ref.shard}")
         if ref.path not in position:
             position[ref.path] = len(paths)
             shards.append(ref.shard)
@@ -285,14 +305,17 @@ def chunks(items: list[Any], count: int) -> list[list[Any]]:
 
 
 def run_tasks(pointer: Pointer, url: str, storage_options: dict, groups: list[list[tuple[int, str]]],
-              rank: np.ndarray, read_keys: Callable[[str], list[str]], hash_keys: HashKeys) -> list[ReduceResult]:
+              rank: np.ndarray, read_keys: Callable[[str], list[str]], hash_keys: HashKeys,
+              on_ray: bool) -> list[ReduceResult]:
     """Map over the groups of new parts, then reduce each partition that received keys."""
     specs = [{"url": url, "storage_options": storage_options, "partition": p,
               "current": pointer.versions.get(str(p))} for p in range(pointer.partitions)]
-    if not ray_running():
-        outputs = [map_parts(group, read_keys, hash_keys, pointer.partitions) for group in groups]
-        counts = sum((out[-1] for out in outputs), np.zeros(pointer.partitions, np.int64))
-        return [reduce_partition(specs[p], rank, *(out[p] for out in outputs)) for p in np.flatnonzero(counts)]
+    if not groups:
+        return []
+    if not on_ray:
+        tables, counts = zip(*(map_parts(group, read_keys, hash_keys, pointer.partitions) for group in groups))
+        touched = np.flatnonzero(sum(counts))
+        return [reduce_partition({**specs[p], "slices": partition_slices(counts, p)}, rank, *tables) for p in touched]
     return run_on_ray(specs, groups, rank, read_keys, hash_keys)
 
 
@@ -308,12 +331,12 @@ def run_on_ray(specs: list[dict], groups: list[list[tuple[int, str]]], rank: np.
                read_keys: Callable[[str], list[str]], hash_keys: HashKeys) -> list[ReduceResult]:
     import ray
 
-    partitions = len(specs)
-    mapper = ray.remote(map_parts).options(num_returns=partitions + 1)
-    outputs = [mapper.remote(group, read_keys, hash_keys, partitions) for group in groups]
-    counts = sum(ray.get([out[-1] for out in outputs]), np.zeros(partitions, np.int64))
+    mapper = ray.remote(map_parts).options(num_returns=2)
+    tables, count_refs = zip(*(mapper.remote(group, read_keys, hash_keys, len(specs)) for group in groups))
+    counts = ray.get(list(count_refs))
     rank_ref, reducer = ray.put(rank), ray.remote(reduce_partition)
-    pending = [reducer.remote(specs[p], rank_ref, *(out[p] for out in outputs)) for p in np.flatnonzero(counts)]
+    pending = [reducer.remote({**specs[p], "slices": partition_slices(counts, p)}, rank_ref, *tables)
+               for p in np.flatnonzero(sum(counts))]
     return ray.get(pending)
 
 
@@ -322,7 +345,7 @@ def run_on_ray(specs: list[dict], groups: list[list[tuple[int, str]]], rank: np.
 
 def read_pointer(url: str, storage_options: dict, partitions: int | None, hash_keys: HashKeys | None) -> Pointer:
     try:
-        pointer = Pointer(**json.loads(storage.read_bytes(storage.join(url, POINTER), storage_options)))
+        pointer = Pointer(**json.loads(read_object(storage.join(url, POINTER), storage_options)))
     except FileNotFoundError:
         if partitions is None or hash_keys is None:
             raise DuplicateIndexError(f"no duplicate index at {url}") from None
@@ -368,7 +391,7 @@ def remove_strays(url: str, storage_options: dict, pointer: Pointer) -> None:
 
 
 def read_parquet(url: str, storage_options: dict) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(url, storage_options)))
+    return pq.read_table(io.BytesIO(read_object(url, storage_options)))
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

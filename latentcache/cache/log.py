@@ -56,6 +56,8 @@ class LogError(LatentcacheError):
 
 class CommitLog:
     def __init__(self, *, url: str, storage_options: dict, schema: pa.Schema | None = None) -> None:
+        if schema is not None and schema.names.count("shard") != 1:
+            raise LogError("a commit log schema needs one 'shard' field")
         self.url, self.storage_options, self.schema = url.rstrip("/"), storage_options, schema
         self._loaded = False
         self._records: dict[str, dict] = {}
@@ -68,6 +70,8 @@ class CommitLog:
     def append(self, records: list[dict]) -> None:
         """Stores a batch of shard records as one log object; later records of a shard win."""
         records = [self._normalize(r) for r in records]
+        if not records:
+            return
         self._write_entry({"kind": "commit", "records": records})
         self._records.update((r["shard"], r) for r in records)
 
@@ -157,20 +161,27 @@ class CommitLog:
         self._run = self._pointer.get("run")
         self._records = self._read_checkpoint(self._pointer["checkpoint"])
         self._tail = [seq for seq in self._list_entries() if seq > self._pointer["seq"]]
-        for seq in self._tail:
-            self._apply(json.loads(storage.read_bytes(self._entry_url(seq), self.storage_options)))
+        for entry in self._read_entries(self._tail):
+            self._apply(entry)
 
     def _read_pointer(self) -> dict[str, Any]:
         try:
-            return json.loads(storage.read_bytes(self._url(POINTER), self.storage_options))
+            return json.loads(read_object(self._url(POINTER), self.storage_options))
         except FileNotFoundError:
             return {"seq": -1, "checkpoint": None, "run": None}
 
     def _read_checkpoint(self, name: str | None) -> dict[str, dict]:
         if name is None:
             return {}
-        table = pq.read_table(io.BytesIO(storage.read_bytes(self._url(name), self.storage_options)))
+        table = pq.read_table(io.BytesIO(read_object(self._url(name), self.storage_options)))
         return {r["shard"]: r for r in records_from_table(table, schemaless=self.schema is None)}
+
+    def _read_entries(self, seqs: list[int]) -> list[dict[str, Any]]:
+        """The entries, in order; fetched concurrently (fsspec batches the GETs of a list)."""
+        fs, _ = storage.url_to_fs(self.url, self.storage_options)
+        paths = [storage.url_to_fs(self._entry_url(seq), self.storage_options)[1] for seq in seqs]
+        data = storage.retrying(fs.cat)(paths, on_error="raise", start=0) if paths else {}
+        return [json.loads(data[path]) for path in paths]
 
     def _apply(self, entry: dict[str, Any]) -> None:
         if entry["kind"] == "commit":
@@ -228,6 +239,13 @@ def parse_seq(name: str) -> int | None:
     return None
 
 
+def read_object(url: str, storage_options: dict) -> bytes:
+    """One GET. (s3fs's plain `cat_file` first asks for the size, a HEAD, to split large reads;
+    a read from byte 0 skips that, and a missing object is one 404, not a HEAD and a LIST.)"""
+    fs, path = storage.url_to_fs(url, storage_options)
+    return storage.retrying(fs.cat_file)(path, start=0)
+
+
 def remove_many(fs: Any, paths: list[str]) -> None:
     """Deletes paths in bulk (one request per 1000 on S3); a path already gone is fine."""
     if not paths:
@@ -272,12 +290,15 @@ def table_from_records(records: list[dict]) -> pa.Table:
 
 
 def records_from_table(table: pa.Table, *, schemaless: bool) -> list[dict]:
-    rows = table.to_pylist()
+    """Rows as dicts; column by column, JSON text decoded in one call per column (fast at 10^5 rows)."""
     if not schemaless:
-        return rows
-    json_columns = json.loads((table.schema.metadata or {}).get(JSON_COLUMNS_KEY, b"[]"))
-    for row in rows:
-        for name in json_columns:
-            if row[name] is not None:
-                row[name] = json.loads(row[name])
-    return [{k: v for k, v in row.items() if v is not None} for row in rows]
+        return table.to_pylist()
+    json_columns = set(json.loads((table.schema.metadata or {}).get(JSON_COLUMNS_KEY, b"[]")))
+    columns = []
+    for name in table.column_names:
+        values = table.column(name).to_pylist()
+        if name in json_columns:
+            values = json.loads("[" + ",".join("null" if v is None else v for v in values) + "]")
+        columns.append(values)
+    names = table.column_names
+    return [{k: v for k, v in zip(names, row) if v is not None} for row in zip(*columns)]
