@@ -31,7 +31,8 @@ TENSORS = ("latent", "posterior_mean", "posterior_std")
 
 def latents_like(rng: np.random.Generator, n: int = 6) -> np.ndarray:
     """[N, 4, 8, 8] with per-channel offsets and spreads, a constant channel and an all-zero one."""
-    x = rng.normal(size=(n, 4, 8, 8)) * np.array([0.1, 2.0, 30.0, 1.0])[:, None, None] + np.array([5.0, -1.0, 0, 0])[:, None, None]
+    spread, offset = np.array([0.1, 2.0, 30.0, 1.0])[:, None, None], np.array([5.0, -1.0, 0, 0])[:, None, None]
+    x = rng.normal(size=(n, 4, 8, 8)) * spread + offset
     x[:, 3] = 0.0
     x[0, 0] = 1.25
     return x.astype(np.float32)
@@ -54,7 +55,8 @@ def test_every_codec_round_trips_within_its_stated_bound(name):
     x = latents_like(np.random.default_rng(1))
     store = codec(name)
     codes, params = store.encode(x)
-    assert set(params) == set(store.params) and all(p.shape == (6, 4) and p.dtype == np.float32 for p in params.values())
+    assert set(params) == set(store.params)
+    assert all(p.shape == (6, 4) and p.dtype == np.float32 for p in params.values())
     back = store.decode(codes, params)
     assert back.dtype == np.float32 and back.shape == x.shape
     assert np.all(np.abs(back - x) <= store.error_bound(x))
@@ -145,7 +147,7 @@ def test_resampling_reads_the_dequantised_posterior(caches, name):
     ours = next(iter(LatentDataset(str(caches[name]), resample=True, shuffle=False)))
     ref = next(iter(LatentDataset(str(caches["fp32"]), resample=True, shuffle=False)))
     assert ours["key"] == ref["key"]
-    mean, std = by_key(caches["fp32"], "posterior_mean")[ref["key"]], by_key(caches["fp32"], "posterior_std")[ref["key"]]
+    mean, std = (by_key(caches["fp32"], column)[ref["key"]] for column in ("posterior_mean", "posterior_std"))
     eps = (ref["latent"].numpy() - mean) / std
     bound = codec(name).error_bound(mean[None])[0] + np.abs(eps) * codec(name).error_bound(std[None])[0]
     assert np.all(np.abs(ours["latent"].numpy() - ref["latent"].numpy()) <= bound * 1.001 + 1e-6)
@@ -220,3 +222,59 @@ def test_manifest_and_parts_record_the_formula_and_where_the_params_live(caches)
     schema = pq.read_schema(caches["int8"] / part)
     assert {"latent.scale", "latent.offset", "posterior_std.scale"} <= set(schema.names)
     assert json.loads(schema.metadata[b"latentcache"])["codec"]["name"] == "int8"
+
+
+# ---- audit --compare ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compared(caches, kl_model):
+    """int8 (safetensors: Hugging Face does not read it, so its _audit/ folder is in nobody's way) vs fp32."""
+    cache = caches["int8-safetensors"]
+    rc = main(["audit", "--cache", str(cache), "--compare", str(caches["fp32"]), "--model", str(kl_model),
+               "--sample", "5", "--decode-on", "driver"])
+    return rc, json.loads((cache / "_audit" / "summary.json").read_text()), cache / "_audit"
+
+
+def test_compare_reports_latent_relative_l2_per_key_as_numpy_computes_it(compared, caches):
+    rc, summary, _ = compared
+    assert rc == 0 and summary["ok"]
+    c = summary["compare"]
+    assert c["store_dtype"] == "int8" and c["other_store_dtype"] == "fp32" and c["other"] == str(caches["fp32"])
+    assert c["keys"] == c["compared"] == 5 and c["missing_in_other"] == 0
+    space = Cache(str(caches["fp32"])).space
+    ours, ref = by_key(caches["int8-safetensors"]), by_key(caches["fp32"])
+    for row in c["per_key"]:
+        a, b = (space.to_raw(d[row["key"]].astype(np.float64)) for d in (ours, ref))
+        assert row["latent_rel_l2"] == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b), rel=1e-9)
+        assert 0 < row["latent_rel_l2"] < 0.02
+    assert c["metrics"]["latent_rel_l2"]["mean"] == pytest.approx(np.mean([r["latent_rel_l2"] for r in c["per_key"]]))
+
+
+def test_compare_scores_the_decoded_images_of_both_caches(compared):
+    _, summary, _ = compared
+    c = summary["compare"]
+    for row in c["per_key"]:
+        assert row["psnr_between"] > 30 and 0.9 < row["ssim_between"] <= 1.0  # decodes of nearly equal latents
+        assert abs(row["psnr_delta"]) < 0.5 and abs(row["ssim_delta"]) < 0.05
+    assert {"psnr_between", "ssim_between", "psnr_delta", "ssim_delta"} <= set(c["metrics"])
+    assert 0.3 < c["bytes_per_latent"] / c["other_bytes_per_latent"] < 0.6
+
+
+def test_compare_is_in_the_html_report_and_the_printed_lines(compared, caches, kl_model, capsys):
+    _, summary, out = compared
+    page = (out / "report.html").read_text()
+    assert "Comparison with another cache" in page
+    assert all(row["key"] in page for row in summary["compare"]["per_key"])
+    assert main(["audit", "--cache", str(caches["int8-safetensors"]), "--compare", str(caches["fp32"]),
+                 "--model", str(kl_model), "--sample", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "compare: int8 against fp32" in printed and "bytes per latent" in printed
+
+
+def test_compare_with_itself_is_exact(caches, kl_model):
+    """Runs last: the fp16 cache's data files are already measured."""
+    assert main(["audit", "--cache", str(caches["fp16"]), "--compare", str(caches["fp16"]), "--model", str(kl_model),
+                 "--sample", "2", "--decode-on", "driver"]) == 0
+    c = json.loads((caches["fp16"] / "_audit" / "summary.json").read_text())["compare"]
+    assert all(r["latent_rel_l2"] == 0.0 and r["psnr_between"] == "inf" for r in c["per_key"])

@@ -104,7 +104,8 @@ def compare_caches(cfg: AuditConfig, cache: Cache, keys: list[str], spec: ModelS
     return {"other": cfg.compare, "store_dtype": cache.manifest.get("store_dtype"),
             "other_store_dtype": other.manifest.get("store_dtype"), "codec": cache.manifest.get("codec"),
             "space": "raw latents (the latent-space convention undone), other = reference",
-            "keys": len(rows), "compared": len(ok), "missing_in_other": sum(r["status"] == "missing_in_other" for r in rows),
+            "keys": len(rows), "compared": len(ok),
+            "missing_in_other": sum(r["status"] == "missing_in_other" for r in rows),
             "bytes_per_latent": bytes_per_latent(cache), "other_bytes_per_latent": bytes_per_latent(other),
             "metrics": {name: distribution([r[name] for r in ok if r[name] is not None]) for name in METRICS},
             "per_key": [{k: json_number(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows]}
@@ -125,6 +126,6 @@ def compare_lines(comparison: dict[str, Any] | None) -> list[str]:
         if dist:
             lines.append(f"  {name}: mean {dist['mean']:.4g}  median {dist['median']:.4g}  max {dist['max']:.4g}")
     if comparison["bytes_per_latent"] and comparison["other_bytes_per_latent"]:
-        lines.append(f"  bytes per latent: {comparison['bytes_per_latent']:.0f} vs {comparison['other_bytes_per_latent']:.0f} "
-                     f"({comparison['bytes_per_latent'] / comparison['other_bytes_per_latent']:.3f}x)")
+        this, other = comparison["bytes_per_latent"], comparison["other_bytes_per_latent"]
+        lines.append(f"  bytes per latent: {this:.0f} vs {other:.0f} ({this / other:.3f}x)")
     return lines

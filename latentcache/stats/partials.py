@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..cache.codecs import codec
 from ..config import ConfigError
 from ..latent_space import LatentSpace
 from ..rows import TENSOR_COLUMNS
 from ..seeding import block_rng
-from ..cache.codecs import codec
 from .moments import Moments, merge_all
 
 
