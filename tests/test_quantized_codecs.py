@@ -288,14 +288,16 @@ def test_compare_reports_latent_relative_l2_per_key_as_numpy_computes_it(compare
     assert c["metrics"]["latent_rel_l2"]["mean"] == pytest.approx(np.mean([r["latent_rel_l2"] for r in c["per_key"]]))
 
 
-def test_compare_scores_the_decoded_images_of_both_caches(compared):
+def test_compare_scores_the_decoded_images_of_both_caches(compared, caches):
     _, summary, _ = compared
     c = summary["compare"]
     for row in c["per_key"]:
         assert row["psnr_between"] > 30 and 0.9 < row["ssim_between"] <= 1.0  # decodes of nearly equal latents
         assert abs(row["psnr_delta"]) < 0.5 and abs(row["ssim_delta"]) < 0.05
     assert {"psnr_between", "ssim_between", "psnr_delta", "ssim_delta"} <= set(c["metrics"])
-    assert 0.3 < c["bytes_per_latent"] / c["other_bytes_per_latent"] < 0.6
+    rows = summary["counts"]["rows_recorded"]
+    assert c["bytes_per_latent"] == data_bytes(caches["int8-safetensors"]) / rows
+    assert c["other_bytes_per_latent"] == data_bytes(caches["fp32"]) / rows
 
 
 def test_compare_is_in_the_html_report_and_the_printed_lines(compared, caches, kl_model, capsys):
@@ -309,9 +311,9 @@ def test_compare_is_in_the_html_report_and_the_printed_lines(compared, caches, k
     assert "compare: int8 against fp32" in printed and "bytes per latent" in printed
 
 
-def test_compare_with_itself_is_exact(caches, kl_model):
-    """Runs last: the fp16 cache's data files are already measured."""
+def test_compare_with_itself_is_exact(caches, kl_model, capsys):
     assert main(["audit", "--cache", str(caches["fp16"]), "--compare", str(caches["fp16"]), "--model", str(kl_model),
                  "--sample", "2", "--decode-on", "driver"]) == 0
+    assert "psnr_between: mean inf" in capsys.readouterr().out
     c = json.loads((caches["fp16"] / "_audit" / "summary.json").read_text())["compare"]
     assert all(r["latent_rel_l2"] == 0.0 and r["psnr_between"] == "inf" for r in c["per_key"])

@@ -124,8 +124,13 @@ def compare_lines(comparison: dict[str, Any] | None) -> list[str]:
              f"{comparison['compared']} of {comparison['keys']} sampled keys"]
     for name, dist in comparison["metrics"].items():
         if dist:
-            lines.append(f"  {name}: mean {dist['mean']:.4g}  median {dist['median']:.4g}  max {dist['max']:.4g}")
+            lines.append("  " + name + ": " + "  ".join(f"{k} {number(dist[k])}" for k in ("mean", "median", "max")))
     if comparison["bytes_per_latent"] and comparison["other_bytes_per_latent"]:
         this, other = comparison["bytes_per_latent"], comparison["other_bytes_per_latent"]
         lines.append(f"  bytes per latent: {this:.0f} vs {other:.0f} ({this / other:.3f}x)")
     return lines
+
+
+def number(value: Any) -> str:
+    """A metric as printed: identical decodes have PSNR "inf" (a string in strict JSON)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
