@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .cache.codecs import CODECS
 from .errors import UserError
 
 
@@ -36,6 +37,7 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, flag: str | No
 
 
 DTYPES = ("fp32", "fp16", "bf16")
+STORE_DTYPES = tuple(CODECS)  # the cache's codec registry: fp32, fp16, bf16, int8, fp8
 # --help sections, in the order they are listed; fields without a group go under "options".
 HELP_GROUPS = {
     "input": "input: what to read",
@@ -83,7 +85,9 @@ class EncodeConfig:
     vq_output: str = opt("latent", "VQModel: store the pre-quantisation latent, the codebook indices, or both.", choices=("latent", "codes", "both"), group="latents")
     dtype: str = opt("fp32", "Compute dtype of the encoder.", choices=DTYPES, group="model")
     no_upcast: bool = opt(False, "Run fp16 even on models whose config sets force_upcast.", group="model")
-    store_dtype: str = opt("fp16", "Dtype of stored latents (bf16 only with --format safetensors).", choices=DTYPES, group="latents")
+    store_dtype: str = opt("fp16", "Dtype of stored latents (bf16 only with --format safetensors; int8/fp8: per-row, "
+                                   "per-channel 8-bit codes + float32 params, see docs/cache-format.md).",
+                           choices=STORE_DTYPES, group="latents")
     batch_size: int = opt(16, "Images per encoder batch.", group="performance")
     slicing: bool = opt(False, "Encode one image at a time inside a batch (diffusers enable_slicing).", group="performance")
     tiling: str = opt("auto", "Tiled encoding: exact (band by band, equal to the full encode at bounded memory), "

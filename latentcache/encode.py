@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from .cache.codecs import codec
 from .latent_space import LatentSpace
 from .models import (
     TORCH_DTYPES,
@@ -202,8 +203,9 @@ class LatentEncoder:
               fell_back: np.ndarray) -> None:
         floats = [t for t in tensors.values() if t.is_floating_point()]
         finite = rows_finite(floats, len(rows))
-        storable = rows_finite([t.to(TORCH_DTYPES[self.spec.store_dtype]) for t in floats], len(rows))
-        packed = {name: store_bytes(t, self.spec.store_dtype if t.is_floating_point() else "") for name, t in tensors.items()}
+        sent = codec(self.spec.store_dtype).sender.name  # int8/fp8: float32 rows, the cache writer quantises
+        storable = rows_finite([t.to(TORCH_DTYPES[sent]) for t in floats], len(rows))
+        packed = {name: store_bytes(t, sent if t.is_floating_point() else "") for name, t in tensors.items()}
         shape = list(tensors["latent"].shape[1:]) if "latent" in tensors else [1, *tensors["codes"].shape[1:]]
         for j, i in enumerate(rows):
             if not (finite[j] and storable[j]):

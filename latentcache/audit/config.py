@@ -29,6 +29,8 @@ class AuditConfig:
                                  "this process has none, else this process (its GPU when it has one).",
                          choices=("auto", "driver", "ray"))
     decode_batch: int = opt(8, "Latents of one shape decoded together.")
+    compare: str = opt(None, "Another cache of the same input (e.g. the fp32 one) to measure this one against: latent "
+                             "relative L2 and decoded PSNR/SSIM change per sampled key (summary.json, report.html).")
     storage_options: dict = opt({}, "JSON object of fsspec storage options for the cache and the input.")
     config: str = opt(None, "YAML file with the same keys as the flags; flags override it.")
 

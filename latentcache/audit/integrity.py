@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 
 from .. import storage
+from ..cache.codecs import codec
 from ..reader import Cache, CacheFile, LatentBlock
 from ..rows import CROP
 from .findings import Findings, examples
 
-# The reader widens bf16 to float32; every other stored dtype comes back as itself.
-READ_DTYPES = {"fp16": np.float16, "fp32": np.float32, "bf16": np.float32}
 
 
 def check_rows(block: LatentBlock, manifest: dict[str, Any]) -> list[str]:
@@ -40,7 +39,7 @@ def check_shapes(block: LatentBlock, manifest: dict[str, Any]) -> list[str]:
 
 
 def check_dtypes(block: LatentBlock, manifest: dict[str, Any]) -> list[str]:
-    expected = np.dtype(READ_DTYPES[manifest["store_dtype"]])
+    expected = codec(manifest["store_dtype"]).array_dtype  # bf16, int8, fp8 are read back as float32
     return [f"{block.file.path}: {name} is {arr.dtype}, manifest records {manifest['store_dtype']}"
             for name, arr in block.tensors.items() if name != "codes" and arr.dtype != expected]
 

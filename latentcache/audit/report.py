@@ -122,6 +122,25 @@ def pairs_section(title: str, rows: list[dict[str, Any]], images: dict[str, Any]
     return f"<h2>{esc(title)}</h2><table>{head}{body}</table>"
 
 
+def compare_section(summary: dict[str, Any]) -> str:
+    """`--compare`: the distributions, bytes per latent, and every compared key."""
+    c = summary.get("compare")
+    if not c:
+        return ""
+    rows = [("compared", f"{esc(c['store_dtype'])} (this) against {esc(c['other_store_dtype'])} "
+                         f"<code>{esc(c['other'])}</code>: {c['compared']} of {c['keys']} sampled keys, "
+                         f"{c['missing_in_other']} missing there"),
+            ("bytes per latent", f"{fmt(c['bytes_per_latent'])} vs {fmt(c['other_bytes_per_latent'])}"),
+            ("decode formula", esc((c.get("codec") or {}).get("decode", "")))]
+    rows += [(name, ", ".join(f"{k} {fmt(dist[k])}" for k in ("mean", "median", "max", "min")) if dist else "none")
+             for name, dist in c["metrics"].items()]
+    names = ("key", "status", "latent_rel_l2", "psnr_between", "ssim_between", "psnr_delta", "ssim_delta")
+    head = "".join(f"<th>{n}</th>" for n in names)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r[n])}</td>" for n in names) + "</tr>" for r in c["per_key"])
+    return (f"<h2>Comparison with another cache</h2><p class='muted'>{esc(c['space'])}</p>" + table(rows)
+            + f"<table><tr>{head}</tr>{body}</table>")
+
+
 def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: list[Any], top_k: int) -> str:
     """The whole page as a string; `pairs` carry the images (objects with .key/.original/.reconstruction)."""
     images = {p.key: p for p in pairs}
@@ -134,4 +153,4 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: li
             + summary_section(summary) + failures_section(summary) + notes_section(summary) + metrics_section(summary)
             + "<h2>PSNR histogram</h2>" + histogram_svg([r["psnr"] for r in scored])
             + pairs_section(f"Worst {k} keys by PSNR", worst, images)
-            + pairs_section(f"Best {k} keys by PSNR", best, images) + "</body></html>")
+            + pairs_section(f"Best {k} keys by PSNR", best, images) + compare_section(summary) + "</body></html>")

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from ..reader import Cache
+from .compare import compare_caches
 from .config import AuditConfig
 from .findings import Findings
 from .identity import check_model, model_spec
@@ -30,7 +31,10 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     images = gather_inputs(cfg, cache, scan, errors, keys, findings)
     recon = reconstruct(cfg, cache, scan, spec, keys, images, findings)
     table = metrics_table(recon.rows, cache, scan)
+    comparison = compare_caches(cfg, cache, sample_keys(list(scan.where), cfg.sample, cfg.seed), spec, recon, findings)
     summary = build_summary(cfg, cache, scan, errors, findings, recon, time.time() - started)
+    if comparison is not None:
+        summary["compare"] = comparison
     write_outputs(cache, summary, table, render_report(summary, recon.rows, recon.pairs, cfg.top_k))
     summary["seconds"] = round(time.time() - started, 2)
     return summary

@@ -11,6 +11,7 @@ import pyarrow as pa
 from .. import storage
 from ..reader import Cache
 from ..sinks import parquet_bytes
+from .compare import compare_lines
 from .config import AuditConfig
 from ..cache.layout import META
 from .findings import Findings
@@ -67,6 +68,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"{name}: mean {fmt_metric(dist['mean'])}  median {fmt_metric(dist['median'])}  "
                          f"p5 {fmt_metric(dist['p5'])}  over {dist['count']} keys")
     lines.append(summary["lpips"]["reason"])
+    lines += compare_lines(summary.get("compare"))
     lines += [f"note: {n}" for n in summary["notes"]]
     lines += [f"{name}: {url}" for name, url in summary.get("outputs", {}).items()]
     return "\n".join(lines)

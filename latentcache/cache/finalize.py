@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from .commit import crash_point
+from .codecs import codec
 from .layout import DATA, Layout
 from .log import CommitLog
 from .moments import Moments, merge_all, summary
@@ -54,7 +55,7 @@ def write_run_outputs(layout: Layout, commit_log: CommitLog, run: dict[str, Any]
     manifest = {**run, "format_version": FORMAT_VERSION, "counts": counts, "complete": not failed,
                 "precision": {"dtype": run.get("dtype"), "compute_dtype": run.get("compute_dtype"),
                               "fp32_fallback": counts["fp32_fallback"], "nonfinite": extra["nonfinite"]},
-                "duplicates": extra["duplicates"],
+                "duplicates": extra["duplicates"], "codec": codec(run["store_dtype"]).describe(),
                 "committed_shards": len(committed(records)), "failed_shards": failed,
                 "shard_table": table, "errors": layout.errors_dir, "data": DATA}
     write_if_changed(layout, layout.manifest, manifest)

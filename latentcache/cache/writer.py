@@ -73,14 +73,15 @@ def part_moments(part: PartData, space: LatentSpace) -> dict[str, Any] | None:
 
 def build_part(rows: list[dict[str, Any]], spec: WriteSpec) -> PartData:
     store, shape = codec(spec.store_dtype), tuple(rows[0]["latent_shape"])
-    tensors = {}
+    tensors, params = {}, {}
     for name in (n for n in TENSOR_COLUMNS if rows[0][n] is not None):
         if name == "codes":
             width = 2 if len(rows[0][name]) == 2 * int(np.prod(shape[1:])) else 4
             tensors[name] = np.stack([np.frombuffer(r[name], f"<i{width}").reshape(shape[1:]) for r in rows])
-        else:
-            tensors[name] = np.stack([store.from_bytes(r[name], shape) for r in rows])
-    return PartData(tensors, {}, meta_table(rows), store.name, spec.tensor_layout)
+        else:  # an 8-bit codec quantises here, where the row's float32 values are
+            tensors[name], own = store.store(np.stack([store.from_bytes(r[name], shape) for r in rows]))
+            params.update({f"{name}.{k}": v for k, v in own.items()})
+    return PartData(tensors, params, meta_table(rows), store.name, spec.tensor_layout)
 
 
 @dataclass(frozen=True)

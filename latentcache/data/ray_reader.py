@@ -14,6 +14,7 @@ import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from .. import storage
+from ..cache.codecs import codec
 from ..latent_space import LatentSpace
 from ..reader import Cache, CacheError, CacheFile
 from ..rows import TENSOR_COLUMNS
@@ -48,15 +49,23 @@ def ray_dataset(cache: Cache | str, *, resample: bool = False, seed: int = 0, ep
     fs, _ = storage.url_to_fs(cache.root, cache.storage_options)
     paths = [storage.url_to_fs(cache.url(f.path), cache.storage_options)[1] for f in files]
     ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=parquet_columns(cache, files[0], spec))
-    return ds.map_batches(RayLatents(spec=spec, space=cache.space, epoch=epoch), batch_format="pyarrow")
+    latents = RayLatents(spec=spec, space=cache.space, epoch=epoch, store_dtype=cache.manifest["store_dtype"])
+    return ds.map_batches(latents, batch_format="pyarrow")
 
 
 def parquet_columns(cache: Cache, file: CacheFile, spec: LatentSpec) -> list[str]:
-    """The tensors the spec needs plus every non-tensor column, as the torch path yields them."""
+    """The tensors the spec needs (with their codec params) plus every non-tensor column, as the torch path
+    yields them."""
     fs, path = storage.url_to_fs(cache.url(file.path), cache.storage_options)
     with fs.open(path, "rb") as f:
         names = pq.read_schema(f).names
-    return [n for n in names if n not in TENSOR_COLUMNS] + list(spec.columns)
+    params = [f"{name}.{p}" for name in spec.columns for p in codec(cache.manifest["store_dtype"]).params]
+    return [n for n in names if not is_tensor_column(n)] + list(spec.columns) + params
+
+
+def is_tensor_column(name: str) -> bool:
+    """A tensor, or a codec parameter stored beside one (`<tensor>.<param>`)."""
+    return name.split(".", 1)[0] in TENSOR_COLUMNS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,16 +75,23 @@ class RayLatents:
     spec: LatentSpec
     space: LatentSpace
     epoch: int
+    store_dtype: str
 
     def __call__(self, table: Any) -> dict[str, np.ndarray]:
-        tensors = {name: column_to_numpy(table.column(name)) for name in self.spec.columns}
+        tensors = {name: self.stored(table, name) for name in self.spec.columns}
         keys = table.column("key").to_pylist()
         out = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names
-               if name not in TENSOR_COLUMNS and name != "caption" and table.column(name).null_count < table.num_rows}
+               if not is_tensor_column(name) and name != "caption" and table.column(name).null_count < table.num_rows}
         if "caption" in table.column_names:
             out["caption"] = pc.fill_null(table.column("caption"), "").to_numpy(zero_copy_only=False)
         out["latent"] = self.spec.latents(tensors, keys, self.space, self.epoch)
         return out
+
+    def stored(self, table: Any, name: str) -> np.ndarray:
+        """A tensor column as `Cache.read` gives it: 8-bit codes dequantised through the codec."""
+        store = codec(self.store_dtype)
+        params = {p: column_to_numpy(table.column(f"{name}.{p}")) for p in store.params}
+        return store.as_array(column_to_numpy(table.column(name)), params)
 
 
 @functools.cache

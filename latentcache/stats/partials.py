@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..cache.codecs import codec
 from ..config import ConfigError
 from ..latent_space import LatentSpace
 from ..rows import TENSOR_COLUMNS
 from ..seeding import block_rng
-from ..sinks import group_rows
 from .moments import Moments, merge_all
 
 
@@ -73,6 +73,19 @@ def lowest(values: np.ndarray, priority: np.ndarray, k: int) -> tuple[np.ndarray
     return values[:, keep], priority[keep]
 
 
+def latent_groups(rows: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], np.ndarray]]:
+    """Good encoded rows grouped by latent shape, with their latents as float32 through the stored codec."""
+    by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_shape.setdefault(tuple(row["latent_shape"]), []).append(row)
+    out = []
+    for shape, members in by_shape.items():
+        store = codec(members[0]["store_dtype"])
+        codes, params = store.store(np.stack([store.from_bytes(r["latent"], shape) for r in members]))
+        out.append((members, store.decode(codes, params)))
+    return out
+
+
 def block_partials(table: pa.Table, *, space: dict[str, Any], head: int, sample_size: int, seed: int) -> pa.Table:
     """Encoded rows -> one Partial row per (shard, latent shape) of the block (the stats map stage)."""
     latent_space = LatentSpace.from_dict(space)
@@ -82,9 +95,9 @@ def block_partials(table: pa.Table, *, space: dict[str, Any], head: int, sample_
     for unit in dict.fromkeys(r["shard"] for r in rows):
         good = [r for r in rows if r["shard"] == unit and r["error"] is None]
         errors = sum(1 for r in rows if r["shard"] == unit and r["error"] is not None)
-        for group in group_rows(good).values():
-            raw = latent_space.to_raw(group.tensors["latent"].astype(np.float64))
-            positions = np.array([r["index"] for r in group.rows])
+        for group, stored in latent_groups(good):
+            raw = latent_space.to_raw(stored.astype(np.float64))
+            positions = np.array([r["index"] for r in group])
             out.append(partial_of(unit, raw, positions, head=head, sample_size=sample_size, seed=seed, errors=errors))
             errors = 0
         if errors:

@@ -17,7 +17,9 @@ from .base import FILE_META_KEY, PartData, meta_table
 
 DTYPE_TAGS = {"float32": "F32", "float16": "F16", "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8",
               "int8": "I8"}
-TAG_DTYPES = {tag: np.dtype(name) for name, tag in DTYPE_TAGS.items()} | {"BF16": np.dtype(np.uint16)}
+# bf16 and fp8 codes are held as their bit patterns (the codec views them); int8 is the int8 codec's codes
+TAG_DTYPES = {tag: np.dtype(name) for name, tag in DTYPE_TAGS.items()} | {"BF16": np.dtype(np.uint16),
+                                                                         "F8_E4M3": np.dtype(np.uint8)}
 
 
 def pack(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
