@@ -35,9 +35,10 @@ from .cache.writer import WriteSpec, write_block
 from .config import EncodeConfig, public_dict
 from .encode import EncodeSpec, LatentEncoder
 from .manifest import library_versions
-from .models import ModelSpec, check_options, compute_dtype, hub_env, latent_space_for, load_vae, weights_sha256
+from .models import ModelSpec, check_options, compute_dtype, hub_env, latent_space_for, weights_sha256
 from .preprocess import PreprocessSpec, preprocess_batch
 from .sources import ShardRef, SourceOptions, plan_shards, preflight, read_shard_blocks, shard_base
+from .startup import model_view
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def plan_placement(cfg: EncodeConfig) -> Placement:
 def identity(cfg: EncodeConfig, sha: dict[str, str], family: str, space: dict[str, Any]) -> dict[str, Any]:
     return {"model": cfg.model, "model_sha256": sha, "model_class": family, "latent_space": space,
             "preprocess": {"resolution": cfg.resolution, "resize": "bicubic-antialias",
-                           "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, **bucket_identity(cfg)},
+                           "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, **bucket_identity(cfg),
+                           **({"jpeg_draft": True} if cfg.jpeg_draft else {})},
             "posterior": cfg.posterior, "seed": cfg.seed if cfg.posterior == "sample" else None,
             "store_dtype": cfg.store_dtype, "format": cfg.format, "tensor_layout": cfg.tensor_layout,
             "vq_output": cfg.vq_output, "store_posterior": cfg.store_posterior, "dtype": cfg.dtype}
@@ -102,7 +104,8 @@ def encoded_dataset(cfg: EncodeConfig, shards: list[ShardRef], placement: Placem
     """read -> [select] -> preprocess -> encode, nothing written: shared by encode and the stats job.
 
     `select` filters raw rows before any image is decoded (the stats job's sample)."""
-    pspec = PreprocessSpec(resolution=cfg.resolution, max_pixels=cfg.max_pixels, min_size=cfg.min_size)
+    pspec = PreprocessSpec(resolution=cfg.resolution, max_pixels=cfg.max_pixels, min_size=cfg.min_size,
+                           jpeg_draft=cfg.jpeg_draft)
     espec = EncodeSpec.from_config(cfg)
     espec = EncodeSpec(**{**espec.__dict__, "threads": placement.encoder_threads})
     ds = read_dataset(cfg, shards)
@@ -139,7 +142,7 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     started = time.time()
     shards = plan_shards(cfg.input, cfg.input_format, cfg.storage_options)
     preflight(shards, SourceOptions.from_config(cfg))
-    vae, family = load_vae(ModelSpec.from_config(cfg))
+    vae, family = model_view(ModelSpec.from_config(cfg))  # the config only: the encoders load the weights
     check_options(family, cfg, vae)
     space = latent_space_for(vae, cfg).to_dict()
     dtype = str(compute_dtype(vae.config, cfg.dtype, cfg.no_upcast)).removeprefix("torch.")
