@@ -114,6 +114,7 @@ def ray_data_variant(args: dict[str, Any], env: dict[str, str]) -> list[dict[str
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+NO_DECAY = {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}  # jemalloc's default purges big extents at once
 GLIBC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
                "MALLOC_TOP_PAD_": str(256 << 20)}
 
@@ -134,6 +135,11 @@ def variants(selected: list[str]) -> dict[str, tuple[str, dict[str, Any], dict[s
         "ray_data_jemalloc": ("ray", {}, {"LD_PRELOAD": JEMALLOC}),
         "ray_data_tcmalloc": ("ray", {}, {"LD_PRELOAD": TCMALLOC}),
         "ray_data_jemalloc_channels_last": ("ray", {"features": {"channels_last": True}}, {"LD_PRELOAD": JEMALLOC}),
+        "process_main_jemalloc_nodecay": ("process", {"in_thread": False}, {"LD_PRELOAD": JEMALLOC, **NO_DECAY}),
+        "process_main_tcmalloc": ("process", {"in_thread": False}, {"LD_PRELOAD": TCMALLOC}),
+        "process_main_tcmalloc_channels_last": ("process", {"in_thread": False, "features": {"channels_last": True}},
+                                                {"LD_PRELOAD": TCMALLOC}),
+        "ray_data_tcmalloc_channels_last": ("ray", {"features": {"channels_last": True}}, {"LD_PRELOAD": TCMALLOC}),
     }
     return {name: all_variants[name] for name in selected}
 

@@ -35,19 +35,12 @@ from .cache.writer import WriteSpec, write_block
 from .config import EncodeConfig, public_dict
 from .encode import EncodeSpec, LatentEncoder
 from .manifest import library_versions
-from .models import ModelSpec, check_options, compute_dtype, hub_env, latent_space_for, weights_sha256
+from .models import ModelSpec, check_options, compute_dtype, latent_space_for, weights_sha256
 from .preprocess import PreprocessSpec, preprocess_batch
 from .sources import ShardRef, SourceOptions, plan_shards, preflight, read_shard_blocks, shard_base
-from .startup import model_view
+from .startup import encoder_runtime_env, init_local_ray, model_view
 
 log = logging.getLogger(__name__)
-
-# glibc returns big freed buffers to the OS after every batch on Ray's worker threads, which
-# doubles page faults in the encoder. These keep buffers up to glibc's 32 MB mmap cap in the heap;
-# on the tiny workload they changed nothing measurable (bench note), and larger activation buffers
-# are always mmapped by glibc, so a different allocator (jemalloc/tcmalloc) is the next step.
-ENCODER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
-               "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
 class ShardDatasource(Datasource):
@@ -119,7 +112,7 @@ def encoded_dataset(cfg: EncodeConfig, shards: list[ShardRef], placement: Placem
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=placement.num_encoders),
                         num_gpus=placement.encoder_gpus, num_cpus=placement.encoder_cpus,
-                        runtime_env={"env_vars": {**ENCODER_ENV, **hub_env()}})  # Ray Data restarts dead actors by default
+                        runtime_env=encoder_runtime_env())  # allocator.py says why; Ray Data restarts dead actors by default
     return ds
 
 
@@ -225,7 +218,7 @@ def ensure_ray() -> None:
         if os.environ.get("RAY_ADDRESS") or cluster_started_here():
             ray.init(**quiet)  # what ray.init() joins by itself: RAY_ADDRESS, or the cluster `ray start` made
         else:
-            ray.init(include_dashboard=False, **quiet)  # a local one, without the dashboard's processes
+            init_local_ray(include_dashboard=False, **quiet)  # a local one, without the dashboard; allocator.py
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
