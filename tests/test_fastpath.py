@@ -150,3 +150,24 @@ def test_encoder_keeps_error_rows_in_place(family_models):
     np.testing.assert_allclose(np.frombuffer(out.column("latent")[3].as_py(), np.float32),
                                np.frombuffer(alone.column("latent")[0].as_py(), np.float32), rtol=1e-4, atol=1e-5)
     assert out.column("store_dtype").to_pylist() == ["fp32", None, "fp32", "fp32"]
+
+
+# ---- allocator ------------------------------------------------------------------------------
+
+
+def test_allocator_choice(monkeypatch, tmp_path):
+    from latentcache import allocator
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert allocator.worker_env("system") == {}
+    lib = tmp_path / "libfakemalloc.so"
+    lib.write_bytes(b"")
+    assert allocator.worker_env(str(lib)) == {"LD_PRELOAD": str(lib)}
+    assert allocator.worker_env(str(tmp_path / "missing.so")) == {}
+    monkeypatch.setenv("LD_PRELOAD", "/opt/other.so")
+    assert allocator.worker_env(str(lib))["LD_PRELOAD"] == f"{lib} /opt/other.so"
+    found = allocator.preload_path("auto")
+    assert found is None or any(found.endswith(name) for name in allocator.LIBRARIES.values())
+    env = allocator.worker_env("auto")
+    if found and "jemalloc" in found:
+        assert env["MALLOC_CONF"] == allocator.JEMALLOC_CONF
