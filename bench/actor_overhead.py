@@ -81,7 +81,8 @@ def run_process(args: dict[str, Any]) -> list[dict[str, float]]:
 def subprocess_variant(args: dict[str, Any], env: dict[str, str]) -> list[dict[str, float]]:
     code = f"import json,sys; from bench.actor_overhead import run_process; print(json.dumps(run_process({args!r})))"
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    out = subprocess.run([sys.executable, "-c", code], env=full_env, cwd=ROOT, capture_output=True, text=True, check=True)
+    argv = [sys.executable, "-c", code]
+    out = subprocess.run(argv, env=full_env, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -8,8 +8,8 @@ decode, and DCT-domain draft decode) and through the tiny and sd workloads' VAEs
 Per case it reports the relative L2 distance ||z_a - z_b|| / ||z_b|| of
   draft:   draft decode of the q=95 file  vs  full decode of the q=95 file;
   quality: full decode of the q=90 file   vs  full decode of the q=95 file (two qualities a user treats as equal);
-and the decode+preprocess CPU time of both paths (the fastest of --repeats). The draft is worth making the default only if its latent
-difference stays below the quality one.
+and the decode+preprocess CPU time of both paths (the fastest of --repeats). The draft is worth making
+the default only if its latent difference stays below the quality one.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.run import make_model, workloads  # noqa: E402
-from latentcache.preprocess import PreprocessSpec, preprocess_image  # noqa: E402
+from bench.run import make_model, workloads
+from latentcache.preprocess import PreprocessSpec, preprocess_image
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 

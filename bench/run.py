@@ -33,9 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -204,8 +205,9 @@ def measure_commands(w: Workload, corpora: dict[int, list[Path]], model: Path, a
     runs: dict[str, dict[int, list[float]]] = {"naive": {n: [] for n in w.images}, "e2e": {n: [] for n in w.images}}
     for r in range(args.repeats):
         for n in w.images:
-            runs["naive"][n].append(timed_in_tmp(lambda out: naive_command(corpora[n], model, w, args.device, out)))
-            runs["e2e"][n].append(timed_in_tmp(lambda out: e2e_command(corpora[n], model, w, out, extra)))
+            shards = corpora[n]
+            runs["naive"][n].append(timed_in_tmp(lambda out, s=shards: naive_command(s, model, w, args.device, out)))
+            runs["e2e"][n].append(timed_in_tmp(lambda out, s=shards: e2e_command(s, model, w, out, extra)))
             print(f"[{w.name}] repeat {r + 1}: {n} images: naive {runs['naive'][n][-1]:.1f} s, "
                   f"e2e {runs['e2e'][n][-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
     return runs
@@ -226,7 +228,8 @@ def summarise(w: Workload, runs: dict, model_rate: float, decode_rate: float, gp
         out[f"whole_e2e_over_naive_{n}"] = med["naive"][n] / med["e2e"][n]
     out["steady_e2e_over_naive"] = out["e2e_steady_images_per_s"] / out["naive_steady_images_per_s"]
     out["steady_e2e_over_bound"] = out["e2e_steady_images_per_s"] / out["bound_images_per_s"]
-    out["pipeline_cpu_us_per_image"] = cores * 1e6 * (1 / out["e2e_steady_images_per_s"] - 1 / out["bound_images_per_s"])
+    steady_s, bound_s = 1 / out["e2e_steady_images_per_s"], 1 / out["bound_images_per_s"]
+    out["pipeline_cpu_us_per_image"] = cores * 1e6 * (steady_s - bound_s)
     return out
 
 
@@ -302,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
               "args": vars(args), "workloads": summaries, "table": markdown(summaries)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print("\n" + report["table"] + f"\n\nload average before/after: {load_before} / {os.getloadavg()}\nresults: {args.out}")
+    print("\n" + report["table"] + f"\n\nload average before/after: {load_before} / {os.getloadavg()}")
+    print(f"results: {args.out}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Where the encode command's fixed cost goes: the driver's phases up to the first encoded block, timed.
 
-    python bench/startup.py --model bench/results/work/model-tiny --input 'bench/results/work/corpus-tiny-96/shard-*.tar'
+    python bench/startup.py --model bench/results/work/model-tiny \
+        --input 'bench/results/work/corpus-tiny-96/shard-*.tar'
 
 Runs in a fresh interpreter (imports are part of the cost) the steps `run_encode` takes before the
 first batch comes out of the encoder, and prints seconds per phase, with load-vs-view of the model

@@ -206,14 +206,16 @@ class LatentEncoder:
         """Appends (rows, values) segments per column; rows whose latents are not finite become errors."""
         floats = [t for t in tensors.values() if t.is_floating_point()]
         finite = np.array(rows_finite(floats, len(rows)), dtype=bool)
-        storable = np.array(rows_finite([t.to(TORCH_DTYPES[self.spec.store_dtype]) for t in floats], len(rows)), dtype=bool)
+        in_store_dtype = [t.to(TORCH_DTYPES[self.spec.store_dtype]) for t in floats]
+        storable = np.array(rows_finite(in_store_dtype, len(rows)), dtype=bool)
         for j in np.flatnonzero(~(finite & storable)):
             errors[rows[j]] = (f"{NONFINITE_REASON} (NaN/Inf), also in fp32" if not finite[j]
                                else f"latent overflows --store-dtype {self.spec.store_dtype}")
         ok = finite & storable
         good = np.asarray(rows, dtype=np.int64)[ok]
         for name, t in tensors.items():
-            cols[name].append((good, binary_rows(store_array(t, self.spec.store_dtype if t.is_floating_point() else "")[ok])))
+            stored = store_array(t, self.spec.store_dtype if t.is_floating_point() else "")
+            cols[name].append((good, binary_rows(stored[ok])))
         shape = list(tensors["latent"].shape[1:]) if "latent" in tensors else [1, *tensors["codes"].shape[1:]]
         cols["latent_shape"].append((good, pa.array([shape] * len(good), pa.list_(pa.int32()))))
         cols["store_dtype"].append((good, pa.array([self.spec.store_dtype] * len(good), pa.string())))

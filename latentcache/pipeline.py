@@ -112,7 +112,7 @@ def encoded_dataset(cfg: EncodeConfig, shards: list[ShardRef], placement: Placem
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=placement.num_encoders),
                         num_gpus=placement.encoder_gpus, num_cpus=placement.encoder_cpus,
-                        runtime_env=encoder_runtime_env())  # allocator.py says why; Ray Data restarts dead actors by default
+                        runtime_env=encoder_runtime_env())  # startup.py says why; Ray Data restarts dead actors
     return ds
 
 
