@@ -164,7 +164,10 @@ FEATURES = {  # each measured on the model-only path
     "bf16_channels_last": {"dtype": "bf16", "channels_last": True},
     "compile": {"compile": True, "no_channels_last": True},
     "compile_channels_last": {"compile": True, "channels_last": True},
+    "bf16_compile": {"dtype": "bf16", "compile": True, "no_channels_last": True},
+    "bf16_compile_channels_last": {"dtype": "bf16", "compile": True, "channels_last": True},
 }
+GPU_FEATURES = ["bf16", "bf16_channels_last", "bf16_compile", "bf16_compile_channels_last"]  # --features gpu
 
 
 def _decode_shard(args: tuple[str, int, bool]) -> int:
@@ -289,12 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-cpus", type=int, default=None, help="Processes for decode-only (default: all cores).")
     parser.add_argument("--jpeg-draft", action="store_true", help="Run e2e and decode-only with --jpeg-draft.")
     parser.add_argument("--e2e-args", default=None, help="More `latentcache encode` flags, e.g. '--compile'.")
-    parser.add_argument("--features", nargs="*", default=[], choices=sorted(FEATURES),
-                        help="Also measure these encoder features on the model-only path.")
+    parser.add_argument("--features", nargs="*", default=[], choices=[*sorted(FEATURES), "gpu"],
+                        help="Also measure these encoder features on the model-only path (gpu: the bf16 set).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", default="bench/results/work")
     parser.add_argument("--out", default="bench/results/bench.json")
     args = parser.parse_args(argv)
+    args.features = [f for name in args.features for f in (GPU_FEATURES if name == "gpu" else [name])]
     device = torch.device(args.device)
     chosen = [apply_overrides(workloads(device.type == "cuda")[name], args) for name in args.workload]
     load_before = os.getloadavg()
