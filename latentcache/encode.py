@@ -92,8 +92,8 @@ class LatentEncoder:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.device = model_device()
-        self.channels_last = use_channels_last(spec, self.device)
         vae, self.family = load_vae(model)
+        self.channels_last = use_channels_last(spec, self.device, vae)
         self.space: LatentSpace = latent_space_for(vae, spec, self.family)
         self.compute_dtype = self._compute_dtype(vae)
         self.vae = self._prepare(vae).to(self.device, self.compute_dtype)

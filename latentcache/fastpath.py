@@ -24,8 +24,11 @@ ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and hei
 # ---- memory format --------------------------------------------------------------------------
 
 
-def use_channels_last(spec: Any, device: torch.device) -> bool:
-    """--channels-last forces it anywhere; on CPU it is the default unless --no-channels-last."""
+def use_channels_last(spec: Any, device: torch.device, vae: Any = None) -> bool:
+    """--channels-last forces it anywhere; on CPU it is the default unless --no-channels-last, for image
+    models (2D convolutions): a video VAE's 5D weights have no channels_last layout."""
+    if vae is not None and any(p.dim() > 4 for p in vae.parameters()):
+        return False
     return bool(spec.channels_last) or (device.type == "cpu" and not getattr(spec, "no_channels_last", False))
 
 

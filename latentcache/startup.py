@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import allocator
-from .models import Family, ModelSpec, _diffusers_class, hub_env, load_vae, resolve_family, weight_files
+from .models import Family, ModelSpec, hub_env, load_vae, locate, resolve_family, weight_files
 
 
 def config_only_possible(spec: ModelSpec) -> bool:
@@ -30,12 +30,15 @@ def config_only_possible(spec: ModelSpec) -> bool:
 
 def model_view(spec: ModelSpec) -> tuple[Any, Family]:
     """The VAE with its config but no weights (meta device) where possible, else the loaded VAE."""
-    if not config_only_possible(spec):
+    import diffusers
+
+    local = locate(spec)  # as load_vae does: a path, a cached hub snapshot or a fetched URL
+    if not config_only_possible(local):
         return load_vae(spec)
-    family = resolve_family(spec)
-    cls = _diffusers_class(family.class_name)
+    family = resolve_family(local)
+    cls = getattr(diffusers, family.class_name)
     try:
-        config = cls.load_config(spec.model, subfolder=spec.subfolder)
+        config = cls.load_config(local.model, subfolder=local.subfolder)
     except Exception:  # noqa: BLE001 - unreadable config: load_vae reports it in its words
         return load_vae(spec)
     with torch.device("meta"):
