@@ -191,9 +191,12 @@ def run_decode_only(shards: list[Path], resolution: int, cpus: int, draft: bool)
 # ---- harness ------------------------------------------------------------------------------------
 
 
-def steady(sizes: tuple[int, int], seconds: tuple[float, float]) -> tuple[float, float]:
-    """(images/s between the two sizes, fixed seconds): the line through (size, time) at both sizes."""
-    rate = (sizes[1] - sizes[0]) / max(seconds[1] - seconds[0], 1e-9)
+def steady(sizes: tuple[int, int], seconds: tuple[float, float]) -> tuple[float | None, float | None]:
+    """(images/s between the two sizes, fixed seconds): the line through (size, time) at both sizes; None
+    when the larger run was not slower (noise larger than the work between them: more repeats or images)."""
+    if seconds[1] <= seconds[0]:
+        return None, None
+    rate = (sizes[1] - sizes[0]) / (seconds[1] - seconds[0])
     return rate, seconds[0] - sizes[0] / rate
 
 
@@ -229,10 +232,10 @@ def summarise(w: Workload, runs: dict, model_rate: float, decode_rate: float, gp
         out[f"{tool}_steady_images_per_s"], out[f"{tool}_fixed_seconds"] = rate, fixed
     for n in w.images:
         out[f"whole_e2e_over_naive_{n}"] = med["naive"][n] / med["e2e"][n]
-    out["steady_e2e_over_naive"] = out["e2e_steady_images_per_s"] / out["naive_steady_images_per_s"]
-    out["steady_e2e_over_bound"] = out["e2e_steady_images_per_s"] / out["bound_images_per_s"]
-    steady_s, bound_s = 1 / out["e2e_steady_images_per_s"], 1 / out["bound_images_per_s"]
-    out["pipeline_cpu_us_per_image"] = cores * 1e6 * (steady_s - bound_s)
+    e2e, naive, limit = out["e2e_steady_images_per_s"], out["naive_steady_images_per_s"], out["bound_images_per_s"]
+    out["steady_e2e_over_naive"] = e2e / naive if e2e and naive else None
+    out["steady_e2e_over_bound"] = e2e / limit if e2e else None
+    out["pipeline_cpu_us_per_image"] = cores * 1e6 * (1 / e2e - 1 / limit) if e2e else None
     return out
 
 
@@ -276,7 +279,8 @@ TABLE = [  # (header, key or function of the summary, format)
 def markdown(summaries: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(h for h, _, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
     for s in summaries:
-        cells = [fmt.format(key(s) if callable(key) else s[key]) for _, key, fmt in TABLE]
+        values = [key(s) if callable(key) else s[key] for _, key, _ in TABLE]
+        cells = ["n/a" if v is None else fmt.format(v) for v, (_, _, fmt) in zip(values, TABLE)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
