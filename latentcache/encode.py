@@ -20,6 +20,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .cache.codecs import codec
+from .fastpath import binary_rows, scatter_rows, stack_binary, use_channels_last
 from .latent_space import LatentSpace
 from .models import (
     TORCH_DTYPES,
@@ -31,7 +32,7 @@ from .models import (
     load_vae,
     model_device,
 )
-from .preprocess import pixels_of, to_model_input
+from .preprocess import to_model_input
 from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, carry, good_mask
 from .seeding import per_key_noise as per_key_noise  # re-exported: callers import it from here too
 from .seeding import posterior_sample
@@ -60,6 +61,7 @@ class EncodeSpec:
     tile_size: int = 512
     tile_overlap: float = 0.25
     channels_last: bool = False
+    no_channels_last: bool = False  # channels_last is the CPU default (fastpath.use_channels_last)
     compile: bool = False
     threads: int | None = None
     scaling_factor: float | None = None
@@ -73,11 +75,10 @@ class EncodeSpec:
         return cls(threads=cfg.encoder_threads, **{n: getattr(cfg, n) for n in names})
 
 
-def store_bytes(x: torch.Tensor, store_dtype: str) -> list[bytes]:
-    """Per-row bytes in the storage dtype (bf16 as its raw 16-bit pattern)."""
+def store_array(x: torch.Tensor, store_dtype: str) -> np.ndarray:
+    """[B, ...] in the storage dtype (bf16 as its raw 16-bit pattern), as one contiguous array."""
     x = x.to(TORCH_DTYPES.get(store_dtype, x.dtype)).cpu().contiguous()
-    arr = x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
-    return [row.tobytes() for row in arr]
+    return x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
 
 
 def codes_dtype(num_codes: int) -> torch.dtype:
@@ -93,6 +94,7 @@ class LatentEncoder:
         self.spec = spec
         self.device = model_device()
         vae, self.family = load_vae(model)
+        self.channels_last = use_channels_last(spec, self.device, vae)
         self.space: LatentSpace = latent_space_for(vae, spec, self.family)
         self.compute_dtype = self._compute_dtype(vae)
         self.vae = self._prepare(vae).to(self.device, self.compute_dtype)
@@ -129,7 +131,7 @@ class LatentEncoder:
         if self.spec.tiling == "diffusers":  # on the original too, so that an fp32 re-run tiles the same way
             enable_tiling(vae, self.family, tile_size=self.spec.tile_size, overlap=self.spec.tile_overlap)
         vae = copy.deepcopy(vae) if self.compute_dtype != torch.float32 else vae
-        if self.spec.channels_last:
+        if self.channels_last:
             vae = vae.to(memory_format=torch.channels_last)
         if self.spec.compile:
             vae.encoder = torch.compile(vae.encoder)
@@ -141,7 +143,7 @@ class LatentEncoder:
         vae = vae if vae is not None else self.vae
         dtype = next(vae.parameters()).dtype
         x = to_model_input(x.to(self.device, non_blocking=True)).to(dtype)
-        if self.spec.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         chunks = x.split(1) if self.spec.slicing else (x,)
         encode = self._encode_fn(x)
@@ -174,16 +176,17 @@ class LatentEncoder:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
-        cols: dict[str, list] = {name: [None] * n for name in (*TENSOR_COLUMNS, "latent_shape", "store_dtype", "fallback")}
+        cols: dict[str, list] = {name: [] for name in (*TENSOR_COLUMNS, "latent_shape", "store_dtype", "fallback")}
         errors = table.column("error").to_pylist()
         keys = table.column("key").to_pylist()
         for rows in group_by_shape(table):
-            x = torch.from_numpy(np.stack([pixels_of(table, i) for i in rows]))
+            shape = (3, table.column("height")[rows[0]].as_py(), table.column("width")[rows[0]].as_py())
+            x = torch.from_numpy(stack_binary(table.column("pixels"), np.asarray(rows), shape))
             if self.device.type == "cuda":
                 x = x.pin_memory()
             tensors, fell_back = self._group_tensors(x, [keys[i] for i in rows])
             self._fill(cols, errors, rows, tensors, fell_back)
-        return carry(table, ENCODED_SCHEMA, {**cols, "error": errors})
+        return carry(table, ENCODED_SCHEMA, {**assemble(cols, n), "error": errors})
 
     def _group_tensors(self, x: torch.Tensor, keys: list[str]) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """One same-shape group -> stored tensors. With --flip both the mirrored crops ride in the
@@ -201,22 +204,33 @@ class LatentEncoder:
 
     def _fill(self, cols: dict[str, list], errors: list, rows: list[int], tensors: dict[str, torch.Tensor],
               fell_back: np.ndarray) -> None:
+        """Appends (rows, values) segments per column; rows whose latents are not finite become errors."""
         floats = [t for t in tensors.values() if t.is_floating_point()]
-        finite = rows_finite(floats, len(rows))
+        finite = np.array(rows_finite(floats, len(rows)), dtype=bool)
         sent = codec(self.spec.store_dtype).sender.name  # int8/fp8: float32 rows, the cache writer quantises
-        storable = rows_finite([t.to(TORCH_DTYPES[sent]) for t in floats], len(rows))
-        packed = {name: store_bytes(t, sent if t.is_floating_point() else "") for name, t in tensors.items()}
+        storable = np.array(rows_finite([t.to(TORCH_DTYPES[sent]) for t in floats], len(rows)), dtype=bool)
+        for j in np.flatnonzero(~(finite & storable)):
+            errors[rows[j]] = (f"{NONFINITE_REASON} (NaN/Inf), also in fp32" if not finite[j]
+                               else f"latent overflows --store-dtype {self.spec.store_dtype}")
+        ok = finite & storable
+        good = np.asarray(rows, dtype=np.int64)[ok]
+        for name, t in tensors.items():
+            stored = store_array(t, sent if t.is_floating_point() else "")
+            cols[name].append((good, binary_rows(stored[ok])))
         shape = list(tensors["latent"].shape[1:]) if "latent" in tensors else [1, *tensors["codes"].shape[1:]]
-        for j, i in enumerate(rows):
-            if not (finite[j] and storable[j]):
-                errors[i] = (f"{NONFINITE_REASON} (NaN/Inf), also in fp32" if not finite[j]
-                             else f"latent overflows --store-dtype {self.spec.store_dtype}")
-                continue
-            for name, values in packed.items():
-                cols[name][i] = values[j]
-            cols["latent_shape"][i] = shape
-            cols["store_dtype"][i] = self.spec.store_dtype
-            cols["fallback"][i] = "fp32" if fell_back[j] else None
+        cols["latent_shape"].append((good, pa.array([shape] * len(good), pa.list_(pa.int32()))))
+        cols["store_dtype"].append((good, pa.array([self.spec.store_dtype] * len(good), pa.string())))
+        cols["fallback"].append((good, pa.array(np.where(fell_back[ok], "fp32", None).tolist(), pa.string())))
+
+
+def assemble(cols: dict[str, list[tuple[np.ndarray, pa.Array]]], n: int) -> dict[str, pa.Array]:
+    """Per column, its groups' segments placed at their rows (null elsewhere); columns no group filled stay out."""
+    out = {}
+    for name, segments in cols.items():
+        if segments:
+            rows = np.concatenate([r for r, _ in segments])
+            out[name] = scatter_rows(pa.concat_arrays([v for _, v in segments]), rows, n)
+    return out
 
 
 def rows_finite(tensors: list[torch.Tensor], n: int) -> list[bool]:

@@ -35,18 +35,12 @@ from .cache.writer import WriteSpec, write_block
 from .config import EncodeConfig, public_dict
 from .encode import EncodeSpec, LatentEncoder
 from .manifest import library_versions
-from .models import ModelSpec, check_options, compute_dtype, hub_env, latent_space_for, load_vae, weights_sha256
+from .models import ModelSpec, check_options, compute_dtype, latent_space_for, weights_sha256
 from .preprocess import PreprocessSpec, preprocess_batch
 from .sources import ShardRef, SourceOptions, plan_shards, preflight, read_shard_blocks, shard_base
+from .startup import encoder_runtime_env, init_local_ray, model_view
 
 log = logging.getLogger(__name__)
-
-# glibc returns big freed buffers to the OS after every batch on Ray's worker threads, which
-# doubles page faults in the encoder. These keep buffers up to glibc's 32 MB mmap cap in the heap;
-# on the tiny workload they changed nothing measurable (bench note), and larger activation buffers
-# are always mmapped by glibc, so a different allocator (jemalloc/tcmalloc) is the next step.
-ENCODER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
-               "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
 class ShardDatasource(Datasource):
@@ -85,7 +79,8 @@ def plan_placement(cfg: EncodeConfig) -> Placement:
 def identity(cfg: EncodeConfig, sha: dict[str, str], family: str, space: dict[str, Any]) -> dict[str, Any]:
     return {"model": cfg.model, "model_sha256": sha, "model_class": family, "latent_space": space,
             "preprocess": {"resolution": cfg.resolution, "resize": "bicubic-antialias",
-                           "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, **bucket_identity(cfg)},
+                           "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, **bucket_identity(cfg),
+                           **({"jpeg_draft": True} if cfg.jpeg_draft else {})},
             "posterior": cfg.posterior, "seed": cfg.seed if cfg.posterior == "sample" else None,
             "store_dtype": cfg.store_dtype, "format": cfg.format, "tensor_layout": cfg.tensor_layout,
             "vq_output": cfg.vq_output, "store_posterior": cfg.store_posterior, "dtype": cfg.dtype}
@@ -102,7 +97,8 @@ def encoded_dataset(cfg: EncodeConfig, shards: list[ShardRef], placement: Placem
     """read -> [select] -> preprocess -> encode, nothing written: shared by encode and the stats job.
 
     `select` filters raw rows before any image is decoded (the stats job's sample)."""
-    pspec = PreprocessSpec(resolution=cfg.resolution, max_pixels=cfg.max_pixels, min_size=cfg.min_size)
+    pspec = PreprocessSpec(resolution=cfg.resolution, max_pixels=cfg.max_pixels, min_size=cfg.min_size,
+                           jpeg_draft=cfg.jpeg_draft)
     espec = EncodeSpec.from_config(cfg)
     espec = EncodeSpec(**{**espec.__dict__, "threads": placement.encoder_threads})
     ds = read_dataset(cfg, shards)
@@ -116,7 +112,7 @@ def encoded_dataset(cfg: EncodeConfig, shards: list[ShardRef], placement: Placem
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=placement.num_encoders),
                         num_gpus=placement.encoder_gpus, num_cpus=placement.encoder_cpus,
-                        runtime_env={"env_vars": {**ENCODER_ENV, **hub_env()}})  # Ray Data restarts dead actors by default
+                        runtime_env=encoder_runtime_env())  # startup.py says why; Ray Data restarts dead actors
     return ds
 
 
@@ -139,7 +135,7 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     started = time.time()
     shards = plan_shards(cfg.input, cfg.input_format, cfg.storage_options)
     preflight(shards, SourceOptions.from_config(cfg))
-    vae, family = load_vae(ModelSpec.from_config(cfg))
+    vae, family = model_view(ModelSpec.from_config(cfg))  # the config only: the encoders load the weights
     check_options(family, cfg, vae)
     space = latent_space_for(vae, cfg).to_dict()
     dtype = str(compute_dtype(vae.config, cfg.dtype, cfg.no_upcast)).removeprefix("torch.")
@@ -224,7 +220,7 @@ def ensure_ray() -> None:
         if os.environ.get("RAY_ADDRESS") or cluster_started_here():
             ray.init(**quiet)  # what ray.init() joins by itself: RAY_ADDRESS, or the cluster `ray start` made
         else:
-            ray.init(include_dashboard=False, **quiet)  # a local one, without the dashboard's processes
+            init_local_ray(include_dashboard=False, **quiet)  # a local one, without the dashboard; allocator.py
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -32,6 +32,7 @@ class PreprocessSpec:
     resolution: int
     max_pixels: int = 89_478_485
     min_size: int = 0
+    jpeg_draft: bool = False  # decode big JPEGs at a DCT scale still covering the crop (fastpath.preprocess_drafted)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class CropMeta:
     bucket_width: int
 
 
-def decode_image(data: bytes | None, *, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes | None, *, max_pixels: int, draft: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """Decodes fully (so truncation shows here, not later) and guards against decompression bombs."""
     if not data:
         raise ImageError("empty image (0 bytes)")
@@ -57,6 +58,8 @@ def decode_image(data: bytes | None, *, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
                 raise ImageError(f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels}")
+            if draft is not None:  # before load: JPEG DCT-domain downscaling (fastpath.preprocess_drafted)
+                draft(img)
             img.seek(0)  # animated GIF/WebP: the first frame
             img.load()
     except ImageError:
@@ -126,6 +129,10 @@ def square_planner(spec: PreprocessSpec) -> Planner:
 
 def preprocess_image(data: bytes | None, spec: PreprocessSpec, *, key: str = "",
                      planner: Planner | None = None) -> tuple[np.ndarray, CropMeta]:
+    if spec.jpeg_draft:
+        from .fastpath import preprocess_drafted
+
+        return preprocess_drafted(data, spec, key=key, planner=planner or square_planner(spec))
     img = decode_image(data, max_pixels=spec.max_pixels)
     img = to_rgb(img)
     if spec.min_size and min(img.size) < spec.min_size:

@@ -33,6 +33,11 @@ if ! python -c "import torch" 2>/dev/null; then
   quiet_pip "torch==${TORCH_VERSION}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --timeout 10 --retries 0}
 fi
 quiet_pip -e ".[test]"
+# tcmalloc for Ray's workers (latentcache/allocator.py: about half the CPU encoder's time goes to page faults
+# under glibc malloc); optional and best effort: without it glibc is used.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+  apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || echo "setup: libtcmalloc-minimal4 not installed; glibc malloc is used"
+fi
 python - <<'PY'
 import diffusers, ray, torch
 import latentcache

@@ -26,7 +26,8 @@ def input_shards(cfg: AuditConfig, enc: EncodeConfig) -> list[ShardRef]:
 
 def source_preprocessing(enc: EncodeConfig) -> tuple[PreprocessSpec, BucketPlanner]:
     """The preprocessing the encoder ran (as pipeline.encoded_dataset builds it): size, buckets, crops."""
-    return (PreprocessSpec(resolution=enc.resolution, max_pixels=enc.max_pixels, min_size=enc.min_size),
+    return (PreprocessSpec(resolution=enc.resolution, max_pixels=enc.max_pixels, min_size=enc.min_size,
+                           jpeg_draft=enc.jpeg_draft),
             BucketPlanner.from_config(enc))
 
 
