@@ -36,8 +36,14 @@ def pixel_table(rows: int, resolution: int, seed: int = 0) -> pa.Table:
 
     rng = np.random.default_rng(seed)
     pixels = [rng.integers(0, 256, (3, resolution, resolution), dtype=np.uint8).tobytes() for _ in range(rows)]
-    raw = pa.table({"key": [f"k{i}" for i in range(rows)], "shard": ["s"] * rows, "index": list(range(rows)),
-                    "error": pa.nulls(rows, pa.string())})
+    raw = pa.table(
+        {
+            "key": [f"k{i}" for i in range(rows)],
+            "shard": ["s"] * rows,
+            "index": list(range(rows)),
+            "error": pa.nulls(rows, pa.string()),
+        }
+    )
     return carry(raw, PIXEL_SCHEMA, {"pixels": pixels, "height": [resolution] * rows, "width": [resolution] * rows})
 
 
@@ -54,8 +60,11 @@ def measure(fn: Any) -> dict[str, float]:
     usage, cpu, start = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
     fn()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
-            "minflt": float(after.ru_minflt - usage.ru_minflt)}
+    return {
+        "wall": time.perf_counter() - start,
+        "cpu": time.process_time() - cpu,
+        "minflt": float(after.ru_minflt - usage.ru_minflt),
+    }
 
 
 def time_calls(encoder: Any, table: pa.Table, calls: int, in_thread: bool) -> list[dict[str, float]]:
@@ -107,17 +116,26 @@ def ray_data_variant(args: dict[str, Any], env: dict[str, str]) -> list[dict[str
 
     features = {**args["features"], "threads": args.get("threads") or os.cpu_count()}
     assert EncodeSpec(**features)
-    ds = ds.map_batches(TimedEncoder, fn_constructor_kwargs={"model": args["model"], "features": features},
-                        batch_format="pyarrow", batch_size=args["batch"], compute=ray.data.ActorPoolStrategy(size=1),
-                        num_cpus=1.0, runtime_env={"env_vars": env} if env else None)
+    ds = ds.map_batches(
+        TimedEncoder,
+        fn_constructor_kwargs={"model": args["model"], "features": features},
+        batch_format="pyarrow",
+        batch_size=args["batch"],
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1.0,
+        runtime_env={"env_vars": env} if env else None,
+    )
     return ds.take_all()[1:]  # the first call warms up, as in the process variants
 
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 NO_DECAY = {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}  # jemalloc's default purges big extents at once
-GLIBC_TUNED = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
-               "MALLOC_TOP_PAD_": str(256 << 20)}
+GLIBC_TUNED = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
 
 
 def variants(selected: list[str]) -> dict[str, tuple[str, dict[str, Any], dict[str, str]]]:
@@ -138,8 +156,11 @@ def variants(selected: list[str]) -> dict[str, tuple[str, dict[str, Any], dict[s
         "ray_data_jemalloc_channels_last": ("ray", {"features": {"channels_last": True}}, {"LD_PRELOAD": JEMALLOC}),
         "process_main_jemalloc_nodecay": ("process", {"in_thread": False}, {"LD_PRELOAD": JEMALLOC, **NO_DECAY}),
         "process_main_tcmalloc": ("process", {"in_thread": False}, {"LD_PRELOAD": TCMALLOC}),
-        "process_main_tcmalloc_channels_last": ("process", {"in_thread": False, "features": {"channels_last": True}},
-                                                {"LD_PRELOAD": TCMALLOC}),
+        "process_main_tcmalloc_channels_last": (
+            "process",
+            {"in_thread": False, "features": {"channels_last": True}},
+            {"LD_PRELOAD": TCMALLOC},
+        ),
         "ray_data_tcmalloc_channels_last": ("ray", {"features": {"channels_last": True}}, {"LD_PRELOAD": TCMALLOC}),
     }
     return {name: all_variants[name] for name in selected}
@@ -162,8 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["process_main", "process_thread", "ray_data"])
     parser.add_argument("--out", default="bench/results/actor_overhead.json")
     args = parser.parse_args(argv)
-    base = {"model": args.model, "resolution": args.resolution, "batch": args.batch, "calls": args.calls,
-            "in_thread": False, "features": {}}
+    base = {
+        "model": args.model,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "calls": args.calls,
+        "in_thread": False,
+        "features": {},
+    }
     chosen, load = variants(args.variants), os.getloadavg()
     if any(host == "ray" for host, _, _ in chosen.values()):
         from latentcache.pipeline import ensure_ray
@@ -177,15 +204,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:34s} {summarise(calls[name])} (load {os.getloadavg()[0]:.1f})", flush=True)
     first = next(iter(chosen))
     ref = {k: statistics.median(c[k] for c in calls[first]) for k in METRICS}
-    report = {"load_before_after": [load, os.getloadavg()], "batch": args.batch, "resolution": args.resolution,
-              "variants": {n: {**{k: statistics.median(x[k] for x in c) for k in METRICS}, "calls": c,
-                               **{f"{k}_vs_first": statistics.median(x[k] for x in c) / ref[k] for k in METRICS}}
-                           for n, c in calls.items()}}
+    report = {
+        "load_before_after": [load, os.getloadavg()],
+        "batch": args.batch,
+        "resolution": args.resolution,
+        "variants": {
+            n: {
+                **{k: statistics.median(x[k] for x in c) for k in METRICS},
+                "calls": c,
+                **{f"{k}_vs_first": statistics.median(x[k] for x in c) / ref[k] for k in METRICS},
+            }
+            for n, c in calls.items()
+        },
+    }
     print(f"\n| variant | wall s/batch | CPU s/batch | minor faults/batch | wall vs {first} | CPU vs {first} |")
     print("|---|---|---|---|---|---|")
     for name, r in report["variants"].items():
-        print(f"| {name} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['minflt']:.0f} | {r['wall_vs_first']:.2f} "
-              f"| {r['cpu_vs_first']:.2f} |")
+        print(
+            f"| {name} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['minflt']:.0f} | {r['wall_vs_first']:.2f} "
+            f"| {r['cpu_vs_first']:.2f} |"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     return 0

@@ -29,8 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentcache.config import EncodeConfig, build_config
 
-SIZES = [(256, 256), (224, 288), (288, 224), (192, 336), (336, 192), (176, 368), (368, 176),
-         (160, 416), (416, 160), (144, 448), (448, 144)]
+SIZES = [
+    (256, 256),
+    (224, 288),
+    (288, 224),
+    (192, 336),
+    (336, 192),
+    (176, 368),
+    (368, 176),
+    (160, 416),
+    (416, 160),
+    (144, 448),
+    (448, 144),
+]
 VARIANTS: dict[str, dict[str, Any]] = {
     "square": {"resolution": 256},
     "buckets": {"resolution": 256, "buckets": True, "bucket_area": "256x256", "bucket_step": 32},
@@ -47,8 +58,10 @@ def make_corpus(root: Path, images: int) -> tuple[str, str]:
 
 
 def config(variant: str, inputs: str, model: str, out: Path, batch_size: int) -> EncodeConfig:
-    return build_config(EncodeConfig, {"input": inputs, "output": str(out), "model": model, "batch_size": batch_size,
-                                       **VARIANTS[variant]})
+    return build_config(
+        EncodeConfig,
+        {"input": inputs, "output": str(out), "model": model, "batch_size": batch_size, **VARIANTS[variant]},
+    )
 
 
 def end_to_end(inputs: str, model: str, root: Path, repeats: int, batch_size: int) -> dict[str, list[float]]:
@@ -60,7 +73,9 @@ def end_to_end(inputs: str, model: str, root: Path, repeats: int, batch_size: in
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(repeats):
         for variant in VARIANTS:
-            summary = run_encode(config(variant, inputs, model, root / f"out-{variant}-{r}", batch_size), progress=False)
+            summary = run_encode(
+                config(variant, inputs, model, root / f"out-{variant}-{r}", batch_size), progress=False
+            )
             rates[variant].append(summary["counts"]["written"] / summary["seconds"])
             print(f"  {variant:13s} repeat {r}: {rates[variant][-1]:.1f} images/s", flush=True)
     ray.shutdown()
@@ -101,7 +116,10 @@ def encoder_only(inputs: str, model: str, root: Path, batch_size: int) -> dict[s
         seconds = time.perf_counter() - started
         result[name] = {"vae_calls": calls, "rows_per_call": rows / calls, "images_per_s": rows / seconds}
         rate = rows / seconds
-        print(f"  encoder only, {name:8s}: {calls} VAE calls, {rows / calls:.1f} rows/call, {rate:.1f} images/s", flush=True)
+        print(
+            f"  encoder only, {name:8s}: {calls} VAE calls, {rows / calls:.1f} rows/call, {rate:.1f} images/s",
+            flush=True,
+        )
     return result
 
 
@@ -118,9 +136,13 @@ def main() -> None:
         print(f"{args.images} images, {len(SIZES)} aspect ratios, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
         rates = end_to_end(inputs, model, root, args.repeats, args.batch_size)
         encoder = encoder_only(inputs, model, root, args.batch_size)
-    report = {"images": args.images, "batch_size": args.batch_size, "cpus": os.cpu_count(),
-              "end_to_end_images_per_s": {v: {"median": statistics.median(r), "all": r} for v, r in rates.items()},
-              "encoder_only": encoder}
+    report = {
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "cpus": os.cpu_count(),
+        "end_to_end_images_per_s": {v: {"median": statistics.median(r), "all": r} for v, r in rates.items()},
+        "encoder_only": encoder,
+    }
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -21,8 +21,24 @@ from latentcache.cli import main
 from latentcache.samples import encode_image, make_shards, make_vae, write_tar
 
 DTYPES = ("fp32", "fp16", "int8", "fp8")
-PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "moon", "brick",
-          "grass", "gravel", "coins", "page", "text", "hubble_deep_field", "stereo_motorcycle")
+PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "retina",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "page",
+    "text",
+    "hubble_deep_field",
+    "stereo_motorcycle",
+)
 
 
 def photo_shard(folder: Path) -> str:
@@ -53,8 +69,25 @@ def demo_corpus(folder: Path) -> tuple[str, Path]:
 def encode_all(corpus: str, model: Path, out: Path) -> None:
     for dtype in DTYPES:
         if not (out / dtype / "__latentcache__" / "manifest.json").exists():
-            assert main(["encode", "--quiet", "--input", corpus, "--output", str(out / dtype), "--model", str(model),
-                         "--resolution", "256", "--store-dtype", dtype]) == 0
+            assert (
+                main(
+                    [
+                        "encode",
+                        "--quiet",
+                        "--input",
+                        corpus,
+                        "--output",
+                        str(out / dtype),
+                        "--model",
+                        str(model),
+                        "--resolution",
+                        "256",
+                        "--store-dtype",
+                        dtype,
+                    ]
+                )
+                == 0
+            )
 
 
 def compare(out: Path, dtype: str, sample: int) -> dict:
@@ -69,12 +102,14 @@ def report(name: str, out: Path, sample: int) -> list[str]:
     lines = [f"{name}: {results['fp16']['compared']} keys, bytes per latent fp32 {fp32_bytes:.0f}"]
     for dtype, c in results.items():
         m = c["metrics"]
-        lines.append(f"  {dtype:5s} rel L2 mean {m['latent_rel_l2']['mean']:.4%} max {m['latent_rel_l2']['max']:.4%} | "
-                     f"PSNR change mean {m['psnr_delta']['mean']:+.4f} dB, max |.| "
-                     f"{max(abs(m['psnr_delta']['min']), abs(m['psnr_delta']['max'])):.4f} dB | "
-                     f"PSNR between decodes mean {m['psnr_between']['mean']:.2f} dB | SSIM change mean "
-                     f"{m['ssim_delta']['mean']:+.5f} | bytes/latent {c['bytes_per_latent']:.0f} "
-                     f"({c['bytes_per_latent'] / fp16_bytes:.3f}x fp16)")
+        lines.append(
+            f"  {dtype:5s} rel L2 mean {m['latent_rel_l2']['mean']:.4%} max {m['latent_rel_l2']['max']:.4%} | "
+            f"PSNR change mean {m['psnr_delta']['mean']:+.4f} dB, max |.| "
+            f"{max(abs(m['psnr_delta']['min']), abs(m['psnr_delta']['max'])):.4f} dB | "
+            f"PSNR between decodes mean {m['psnr_between']['mean']:.2f} dB | SSIM change mean "
+            f"{m['ssim_delta']['mean']:+.5f} | bytes/latent {c['bytes_per_latent']:.0f} "
+            f"({c['bytes_per_latent'] / fp16_bytes:.3f}x fp16)"
+        )
     return lines
 
 

@@ -19,9 +19,15 @@ import time
 import numpy as np
 import torch
 
-SD_ENCODER = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  norm_num_groups=32, sample_size=512)
+SD_ENCODER = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    sample_size=512,
+)
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,11 +52,17 @@ def measure(size: int, tile: int, overlap: float, seed: int) -> dict:
     started = time.perf_counter()
     tiled = vae.encode(x).latent_dist
     tiled_s = time.perf_counter() - started
-    return {"image": size, "tile": tile, "overlap": overlap, "seed": seed, "latent_shape": list(tiled.mean.shape),
-            "relative_l2_mean": relative_l2(tiled.mean, untiled.mean),
-            "relative_l2_std": relative_l2(tiled.std, untiled.std),
-            "max_abs_mean": float((tiled.mean - untiled.mean).abs().max()),
-            "seconds": {"untiled": round(untiled_s, 2), "tiled": round(tiled_s, 2)}}
+    return {
+        "image": size,
+        "tile": tile,
+        "overlap": overlap,
+        "seed": seed,
+        "latent_shape": list(tiled.mean.shape),
+        "relative_l2_mean": relative_l2(tiled.mean, untiled.mean),
+        "relative_l2_std": relative_l2(tiled.std, untiled.std),
+        "max_abs_mean": float((tiled.mean - untiled.mean).abs().max()),
+        "seconds": {"untiled": round(untiled_s, 2), "tiled": round(tiled_s, 2)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,8 +59,16 @@ def cases(resolutions: list[int], factors: list[float]) -> list[dict[str, Any]]:
                     continue
                 size = (round(img.width * scale), round(img.height * scale))
                 resized = img.resize(size, Image.Resampling.LANCZOS)
-                out.append({"photo": name, "resolution": resolution, "factor": k, "size": list(size),
-                            "q95": jpeg_bytes(resized, 95), "q90": jpeg_bytes(resized, 90)})
+                out.append(
+                    {
+                        "photo": name,
+                        "resolution": resolution,
+                        "factor": k,
+                        "size": list(size),
+                        "q95": jpeg_bytes(resized, 95),
+                        "q90": jpeg_bytes(resized, 90),
+                    }
+                )
     return out
 
 
@@ -94,8 +102,13 @@ def measure(case: dict[str, Any], vaes: dict[str, Any], repeats: int) -> dict[st
     draft95, t_draft = decode(case["q95"], r, True, repeats)
     full90, _ = decode(case["q90"], r, False, 1)
     out = {k: case[k] for k in ("photo", "resolution", "factor", "size")}
-    out.update(decode_ms_full=1e3 * t_full, decode_ms_draft=1e3 * t_draft, decode_speedup=t_full / t_draft,
-               pixels_draft_rel_l2=rel_l2(draft95, full95), pixels_quality_rel_l2=rel_l2(full90, full95))
+    out.update(
+        decode_ms_full=1e3 * t_full,
+        decode_ms_draft=1e3 * t_draft,
+        decode_speedup=t_full / t_draft,
+        pixels_draft_rel_l2=rel_l2(draft95, full95),
+        pixels_quality_rel_l2=rel_l2(full90, full95),
+    )
     for name, vae in vaes.items():
         z95 = latent(vae, full95)
         out[f"{name}_draft_rel_l2"] = rel_l2(latent(vae, draft95).numpy(), z95.numpy())
@@ -120,18 +133,29 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads((folder / "config.json").read_text())
         vaes[name] = getattr(diffusers, config["_class_name"]).from_pretrained(folder).eval()
     rows = [measure(c, vaes, args.repeats) for c in cases(args.resolutions, args.factors)]
-    print("| photo | R | k | decode full ms | draft ms | speed-up | pixels draft / q90 rel L2 | "
-          + " | ".join(f"{m} draft / q90 rel L2" for m in vaes) + " |")
+    print(
+        "| photo | R | k | decode full ms | draft ms | speed-up | pixels draft / q90 rel L2 | "
+        + " | ".join(f"{m} draft / q90 rel L2" for m in vaes)
+        + " |"
+    )
     print("|" + "---|" * (7 + len(vaes)))
     for row in rows:
-        print(f"| {row['photo']} | {row['resolution']} | {row['factor']:g} | {row['decode_ms_full']:.2f} | "
-              f"{row['decode_ms_draft']:.2f} | {row['decode_speedup']:.2f}x | {row['pixels_draft_rel_l2']:.4f} / "
-              f"{row['pixels_quality_rel_l2']:.4f} | "
-              + " | ".join(f"{row[f'{m}_draft_rel_l2']:.4f} / {row[f'{m}_quality_rel_l2']:.4f}" for m in vaes) + " |")
-    verdict = {m: {"draft_median": statistics.median(r[f"{m}_draft_rel_l2"] for r in rows),
-                   "quality_median": statistics.median(r[f"{m}_quality_rel_l2"] for r in rows),
-                   "cases_draft_below_quality": sum(r[f"{m}_draft_rel_l2"] < r[f"{m}_quality_rel_l2"] for r in rows),
-                   "cases": len(rows)} for m in vaes}
+        print(
+            f"| {row['photo']} | {row['resolution']} | {row['factor']:g} | {row['decode_ms_full']:.2f} | "
+            f"{row['decode_ms_draft']:.2f} | {row['decode_speedup']:.2f}x | {row['pixels_draft_rel_l2']:.4f} / "
+            f"{row['pixels_quality_rel_l2']:.4f} | "
+            + " | ".join(f"{row[f'{m}_draft_rel_l2']:.4f} / {row[f'{m}_quality_rel_l2']:.4f}" for m in vaes)
+            + " |"
+        )
+    verdict = {
+        m: {
+            "draft_median": statistics.median(r[f"{m}_draft_rel_l2"] for r in rows),
+            "quality_median": statistics.median(r[f"{m}_quality_rel_l2"] for r in rows),
+            "cases_draft_below_quality": sum(r[f"{m}_draft_rel_l2"] < r[f"{m}_quality_rel_l2"] for r in rows),
+            "cases": len(rows),
+        }
+        for m in vaes
+    }
     verdict["median_decode_speedup"] = statistics.median(r["decode_speedup"] for r in rows)
     verdict["default"] = all(v["draft_median"] < v["quality_median"] for k, v in verdict.items() if k in vaes)
     print("\n" + json.dumps(verdict, indent=2))

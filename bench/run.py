@@ -60,19 +60,38 @@ class Workload:
     e2e_args: tuple[str, ...] = field(default=())
 
 
-SD_ENCODER = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD_ENCODER = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
 STANDIN = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8))
 
 
 def workloads(gpu: bool) -> dict[str, Workload]:
     return {
         "tiny": Workload(name="tiny", kind="tiny", config={}, resolution=256, image_size=(512, 576), images=(96, 384)),
-        "sd": Workload(name="sd", kind="kl", config=SD_ENCODER, resolution=512 if gpu else 256,
-                       image_size=(1024, 1152) if gpu else (512, 576), images=(64, 256),
-                       e2e_args=("--dtype", "bf16") if gpu else ()),
-        "standin": Workload(name="standin", kind="tiny", config=STANDIN, resolution=64, image_size=(320, 384),
-                            images=(1024, 4096), batch_size=64),
+        "sd": Workload(
+            name="sd",
+            kind="kl",
+            config=SD_ENCODER,
+            resolution=512 if gpu else 256,
+            image_size=(1024, 1152) if gpu else (512, 576),
+            images=(64, 256),
+            e2e_args=("--dtype", "bf16") if gpu else (),
+        ),
+        "standin": Workload(
+            name="standin",
+            kind="tiny",
+            config=STANDIN,
+            resolution=64,
+            image_size=(320, 384),
+            images=(1024, 4096),
+            batch_size=64,
+        ),
     }
 
 
@@ -118,14 +137,44 @@ def run_command(argv: list[str]) -> float:
 
 
 def naive_command(shards: list[Path], model: Path, w: Workload, device: str, out: Path) -> list[str]:
-    return [sys.executable, str(NAIVE), "--shards", *map(str, shards), "--model", str(model), "--resolution",
-            str(w.resolution), "--batch-size", str(w.batch_size), "--device", device, "--out", str(out)]
+    return [
+        sys.executable,
+        str(NAIVE),
+        "--shards",
+        *map(str, shards),
+        "--model",
+        str(model),
+        "--resolution",
+        str(w.resolution),
+        "--batch-size",
+        str(w.batch_size),
+        "--device",
+        device,
+        "--out",
+        str(out),
+    ]
 
 
 def e2e_command(shards: list[Path], model: Path, w: Workload, out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "latentcache", "encode", "--quiet", "--input", str(shards[0].parent / "shard-*.tar"),
-            "--output", str(out), "--model", str(model), "--resolution", str(w.resolution),
-            "--batch-size", str(w.batch_size), *w.e2e_args, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "latentcache",
+        "encode",
+        "--quiet",
+        "--input",
+        str(shards[0].parent / "shard-*.tar"),
+        "--output",
+        str(out),
+        "--model",
+        str(model),
+        "--resolution",
+        str(w.resolution),
+        "--batch-size",
+        str(w.batch_size),
+        *w.e2e_args,
+        *extra,
+    ]
 
 
 def timed_in_tmp(make_argv: Callable[[Path], list[str]]) -> float:
@@ -214,19 +263,29 @@ def measure_commands(w: Workload, corpora: dict[int, list[Path]], model: Path, a
             shards = corpora[n]
             runs["naive"][n].append(timed_in_tmp(lambda out, s=shards: naive_command(s, model, w, args.device, out)))
             runs["e2e"][n].append(timed_in_tmp(lambda out, s=shards: e2e_command(s, model, w, out, extra)))
-            print(f"[{w.name}] repeat {r + 1}: {n} images: naive {runs['naive'][n][-1]:.1f} s, "
-                  f"e2e {runs['e2e'][n][-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+            print(
+                f"[{w.name}] repeat {r + 1}: {n} images: naive {runs['naive'][n][-1]:.1f} s, "
+                f"e2e {runs['e2e'][n][-1]:.1f} s (load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
     return runs
 
 
 def summarise(w: Workload, runs: dict, model_rate: float, decode_rate: float, gpu: bool, cores: int) -> dict:
     med = {tool: {n: statistics.median(t) for n, t in per.items()} for tool, per in runs.items()}
     small, large = w.images
-    out: dict[str, Any] = {"workload": w.name, "resolution": w.resolution, "images": list(w.images),
-                           "batch_size": w.batch_size, "whole_seconds": med, "runs_seconds": runs,
-                           "model_only_images_per_s": model_rate, "decode_only_images_per_s": decode_rate,
-                           "bound_images_per_s": bound(model_rate, decode_rate, gpu),
-                           "bound_formula": "min(model, decode)" if gpu else "1/(1/model + 1/decode)"}
+    out: dict[str, Any] = {
+        "workload": w.name,
+        "resolution": w.resolution,
+        "images": list(w.images),
+        "batch_size": w.batch_size,
+        "whole_seconds": med,
+        "runs_seconds": runs,
+        "model_only_images_per_s": model_rate,
+        "decode_only_images_per_s": decode_rate,
+        "bound_images_per_s": bound(model_rate, decode_rate, gpu),
+        "bound_formula": "min(model, decode)" if gpu else "1/(1/model + 1/decode)",
+    }
     for tool in ("naive", "e2e"):
         rate, fixed = steady(w.images, (med[tool][small], med[tool][large]))
         out[f"{tool}_steady_images_per_s"], out[f"{tool}_fixed_seconds"] = rate, fixed
@@ -245,16 +304,22 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device) ->
     corpora = {n: make_corpus(root / f"corpus-{w.name}-{n}", n, w.image_size) for n in w.images}
     model = make_model(w, root / f"model-{w.name}")
     cores = os.cpu_count() or 1
-    print(f"[{w.name}] JPEGs {w.image_size[0]}x{w.image_size[1]} -> {w.resolution}px, {w.images} images, "
-          f"batch {w.batch_size}, device {device}", flush=True)
+    print(
+        f"[{w.name}] JPEGs {w.image_size[0]}x{w.image_size[1]} -> {w.resolution}px, {w.images} images, "
+        f"batch {w.batch_size}, device {device}",
+        flush=True,
+    )
     runs = measure_commands(w, corpora, model, args)
     model_rate = statistics.median(run_model_only(model, w, w.images[0], device) for _ in range(args.repeats))
-    decode_rate = statistics.median(run_decode_only(corpora[w.images[-1]], w.resolution, args.decode_cpus or cores,
-                                                    args.jpeg_draft) for _ in range(args.repeats))
+    decode_rate = statistics.median(
+        run_decode_only(corpora[w.images[-1]], w.resolution, args.decode_cpus or cores, args.jpeg_draft)
+        for _ in range(args.repeats)
+    )
     summary = summarise(w, runs, model_rate, decode_rate, gpu, cores)
     if args.features:
         summary["features_model_only_images_per_s"] = {
-            name: run_model_only(model, w, w.images[0], device, **FEATURES[name]) for name in args.features}
+            name: run_model_only(model, w, w.images[0], device, **FEATURES[name]) for name in args.features
+        }
     return summary
 
 
@@ -296,8 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-cpus", type=int, default=None, help="Processes for decode-only (default: all cores).")
     parser.add_argument("--jpeg-draft", action="store_true", help="Run e2e and decode-only with --jpeg-draft.")
     parser.add_argument("--e2e-args", default=None, help="More `latentcache encode` flags, e.g. '--compile'.")
-    parser.add_argument("--features", nargs="*", default=[], choices=[*sorted(FEATURES), "gpu"],
-                        help="Also measure these encoder features on the model-only path (gpu: the bf16 set).")
+    parser.add_argument(
+        "--features",
+        nargs="*",
+        default=[],
+        choices=[*sorted(FEATURES), "gpu"],
+        help="Also measure these encoder features on the model-only path (gpu: the bf16 set).",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workdir", default="bench/results/work")
     parser.add_argument("--out", default="bench/results/bench.json")
@@ -307,10 +377,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [apply_overrides(workloads(device.type == "cuda")[name], args) for name in args.workload]
     load_before = os.getloadavg()
     summaries = [run_workload(w, args, device) for w in chosen]
-    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                          "load_before_after": [load_before, os.getloadavg()]},
-              "args": vars(args), "workloads": summaries, "table": markdown(summaries)}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "load_before_after": [load_before, os.getloadavg()],
+        },
+        "args": vars(args),
+        "workloads": summaries,
+        "table": markdown(summaries),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print("\n" + report["table"] + f"\n\nload average before/after: {load_before} / {os.getloadavg()}")
@@ -319,8 +397,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def apply_overrides(w: Workload, args: argparse.Namespace) -> Workload:
-    overrides = {"images": tuple(args.images) if args.images else None, "batch_size": args.batch_size,
-                 "resolution": args.resolution, "image_size": tuple(args.image_size) if args.image_size else None}
+    overrides = {
+        "images": tuple(args.images) if args.images else None,
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "image_size": tuple(args.image_size) if args.image_size else None,
+    }
     return replace(w, **{k: v for k, v in overrides.items() if v is not None})
 
 

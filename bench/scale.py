@@ -29,16 +29,17 @@ import threading
 import time
 import tracemalloc
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
+import pyarrow as pa
 
-from latentcache import storage  # noqa: E402
-from latentcache.cache.index import PartRef, check_duplicates  # noqa: E402
-from latentcache.cache.log import CommitLog  # noqa: E402
+from latentcache import storage
+from latentcache.cache.index import PartRef, check_duplicates
+from latentcache.cache.log import CommitLog
 
 KEYS_PER_SHARD = 100
 REPEAT_EVERY = 1000  # one key in this many repeats a key of the shard before
@@ -48,9 +49,16 @@ FS_CALLS = ("cat_file", "ls", "find", "info", "pipe_file", "mv", "rm", "rm_file"
 def shard_record(i: int) -> dict[str, Any]:
     name = f"s{i:07d}"
     files = [{"path": f"data/{name}-{p}.parquet", "rows": 50, "latent_shape": [4, 32, 32]} for p in range(2)]
-    return {"shard": name, "name": name, "input": f"s3://corpus/{name}.tar", "rows": 100, "errors": 0,
-            "status": "committed", "files": files,
-            "moments": {"n": 100, "mean": [0.1, -0.2, 0.3, 0.0], "m2": [1.0, 1.1, 0.9, 1.2]}}
+    return {
+        "shard": name,
+        "name": name,
+        "input": f"s3://corpus/{name}.tar",
+        "rows": 100,
+        "errors": 0,
+        "status": "committed",
+        "files": files,
+        "moments": {"n": 100, "mean": [0.1, -0.2, 0.3, 0.0], "m2": [1.0, 1.1, 0.9, 1.2]},
+    }
 
 
 def fabricated_keys(path: str) -> list[str]:
@@ -82,6 +90,7 @@ def counting_local_fs() -> Iterator[Counter]:
         def call(path: Any, *args: Any, **kwargs: Any) -> Any:
             counts["requests"] += len(path) if isinstance(path, list) else 1
             return fn(path, *args, **kwargs)
+
         return call
 
     for name, fn in originals.items():
@@ -149,12 +158,19 @@ def dup_rows(url: str, options: dict, shards: int, new_shards: int, counts: Coun
     result: dict[str, Any] = {}
 
     def first() -> None:
-        result["first_drops"] = sum(map(len, check_duplicates(url=url, storage_options=options, new=parts(0, shards),
-                                                              read_keys=fabricated_keys).values()))
+        result["first_drops"] = sum(
+            map(
+                len,
+                check_duplicates(
+                    url=url, storage_options=options, new=parts(0, shards), read_keys=fabricated_keys
+                ).values(),
+            )
+        )
 
     def resume() -> None:
-        found = check_duplicates(url=url, storage_options=options, new=parts(shards, new_shards),
-                                 read_keys=fabricated_keys)
+        found = check_duplicates(
+            url=url, storage_options=options, new=parts(shards, new_shards), read_keys=fabricated_keys
+        )
         result["resume_drops"] = sum(map(len, found.values()))
 
     return {"dup_first": measure(first, counts), "dup_resume": measure(resume, counts), **result}
@@ -164,8 +180,13 @@ def start_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 object_store_memory=2 << 30)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            object_store_memory=2 << 30,
+        )
 
 
 def driver_memory(url: str, shards: int) -> dict[str, Any]:
@@ -198,11 +219,15 @@ def driver_memory(url: str, shards: int) -> dict[str, Any]:
     tracemalloc.stop()
     start = time.perf_counter()
     check_duplicates(url=url, storage_options={}, new=parts(shards, 100), read_keys=fabricated_keys)
-    return {"keys": shards * KEYS_PER_SHARD, "seconds": round(seconds, 1),
-            "resume_100_shards_seconds": round(time.perf_counter() - start, 1),
-            "python_peak_mb": round(traced_peak / 2**20, 1), "arrow_pool_mb": round(pa.total_allocated_bytes() / 2**20, 1),
-            "rss_peak_above_start_mb": round(max(0, peak_rss[0] - rss_before) / 2**20, 1),
-            "private_peak_above_start_mb": round(max(0, peak_private[0] - private_before) / 2**20, 1)}
+    return {
+        "keys": shards * KEYS_PER_SHARD,
+        "seconds": round(seconds, 1),
+        "resume_100_shards_seconds": round(time.perf_counter() - start, 1),
+        "python_peak_mb": round(traced_peak / 2**20, 1),
+        "arrow_pool_mb": round(pa.total_allocated_bytes() / 2**20, 1),
+        "rss_peak_above_start_mb": round(max(0, peak_rss[0] - rss_before) / 2**20, 1),
+        "private_peak_above_start_mb": round(max(0, peak_private[0] - private_before) / 2**20, 1),
+    }
 
 
 def run_local(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
@@ -221,9 +246,12 @@ def run_s3(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     with loopback_s3() as (options, proxy):
         for n in args.s3_shards:
-            row = {"store": "s3", "shards": n,
-                   **log_rows(f"s3://scale/log{n}", options, n, args.tail, proxy.stats),
-                   **dup_rows(f"s3://scale/index{n}", options, n, args.new_shards, proxy.stats)}
+            row = {
+                "store": "s3",
+                "shards": n,
+                **log_rows(f"s3://scale/log{n}", options, n, args.tail, proxy.stats),
+                **dup_rows(f"s3://scale/index{n}", options, n, args.new_shards, proxy.stats),
+            }
             rows.append(row)
             print_row(row)
     return rows
@@ -250,16 +278,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ray:
         start_ray()
-    print(f"{'store':>5} | {'shards':>7} | {'resume s, req':>16} | {'checkpoint':>16} | {'dup first':>16} | "
-          f"{'dup resume':>16}")
+    print(
+        f"{'store':>5} | {'shards':>7} | {'resume s, req':>16} | {'checkpoint':>16} | {'dup first':>16} | "
+        f"{'dup resume':>16}"
+    )
     with tempfile.TemporaryDirectory(prefix="lc-scale-") as tmp:
         rows = run_local(args, Path(tmp)) + (run_s3(args) if args.s3_shards else [])
         memory = driver_memory(str(Path(tmp) / "memory-index"), args.memory_shards) if args.memory_shards else None
     if memory:
         print(f"duplicate check driver memory at {memory['keys']:,} keys: {memory}")
-    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "ray": args.ray,
-              "keys_per_shard": KEYS_PER_SHARD, "tail": args.tail, "new_shards": args.new_shards,
-              "rows": rows, "driver_memory": memory}
+    report = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "ray": args.ray,
+        "keys_per_shard": KEYS_PER_SHARD,
+        "tail": args.tail,
+        "new_shards": args.new_shards,
+        "rows": rows,
+        "driver_memory": memory,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from latentcache.startup import model_view
 
     phase("import_latentcache")
-    cfg = EncodeConfig(input=args.input, output="/tmp/unused", model=args.model, resolution=args.resolution,
-                       batch_size=args.batch_size)
+    cfg = EncodeConfig(
+        input=args.input, output="/tmp/unused", model=args.model, resolution=args.resolution, batch_size=args.batch_size
+    )
     shards = plan_shards(cfg.input, cfg.input_format, cfg.storage_options)
     phase("plan_shards")
     load_vae(ModelSpec.from_config(cfg))

@@ -188,7 +188,12 @@ def _fmt(value: object, spec: str) -> str:
 def _row_line(r: dict) -> str:
     if "error" in r:
         return f"| {r['size']} | {r['method']} | | | | | | | {r['error']} |"
-    cells = [_fmt(r["seconds"], ".1f"), _fmt(r["cpu_seconds"], ".1f"), _fmt(r["peak_mb"], ".0f"), _fmt(r["peak_over_base_mb"], ".0f")]
+    cells = [
+        _fmt(r["seconds"], ".1f"),
+        _fmt(r["cpu_seconds"], ".1f"),
+        _fmt(r["peak_mb"], ".0f"),
+        _fmt(r["peak_over_base_mb"], ".0f"),
+    ]
     cells += [_fmt(r["rel_l2"], ".2e"), _fmt(r["max_abs"], ".2e")]
     return f"| {r['size']} | {r['method']} | {' | '.join(cells)} | {r['setting']} |"
 

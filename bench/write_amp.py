@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import boto3  # noqa: E402
+import boto3
 
-from latentcache.cli import main  # noqa: E402
-from latentcache.samples import make_shards, make_vae  # noqa: E402
-from tests.faultproxy import FaultProxy  # noqa: E402
+from latentcache.cli import main
+from latentcache.samples import make_shards, make_vae
+from tests.faultproxy import FaultProxy
 
 SIZES = [(64, 64), (96, 128), (128, 96), (80, 112), (128, 128), (72, 100)]
 
@@ -48,9 +48,22 @@ def measure(endpoint: str, model: Path, shards: list[Path], resolution: int, sto
         client.upload_file(str(path), bucket, f"in/{path.name}")
     with FaultProxy(endpoint, rate=0.0) as proxy:
         options = {"endpoint_url": proxy.endpoint, "key": "testing", "secret": "testing"}
-        argv = ["encode", "--quiet", "--input", f"s3://{bucket}/in/shard-{{00000..{len(shards) - 1:05d}}}.tar",
-                "--output", f"s3://{bucket}/cache", "--model", str(model), "--resolution", str(resolution),
-                "--store-dtype", store_dtype, "--storage-options", json.dumps(options)]
+        argv = [
+            "encode",
+            "--quiet",
+            "--input",
+            f"s3://{bucket}/in/shard-{{00000..{len(shards) - 1:05d}}}.tar",
+            "--output",
+            f"s3://{bucket}/cache",
+            "--model",
+            str(model),
+            "--resolution",
+            str(resolution),
+            "--store-dtype",
+            store_dtype,
+            "--storage-options",
+            json.dumps(options),
+        ]
         assert main(argv) == 0
         uploaded, requests = dict(proxy.put_bytes), proxy.stats["requests"]
     data = {k: v for k, v in object_sizes(client, bucket, "cache/").items() if k.startswith("cache/data/")}
@@ -62,11 +75,18 @@ def measure(endpoint: str, model: Path, shards: list[Path], resolution: int, sto
         rest = path.split("/cache/", 1)[-1].split("/")
         kind = "/".join(rest[:2]) if rest[0] != "data" else "data"
         by_kind[kind] = by_kind.get(kind, 0) + size
-    return {"resolution": resolution, "put_bytes_by_folder": by_kind, "store_dtype": store_dtype,
-            "data_files": len(data), "committed_bytes": committed,
-            "put_bytes_data": latent, "put_bytes_all": overall, "requests": requests,
-            "amplification_latent": round(latent / committed, 4),
-            "amplification_overall": round(overall / committed, 4)}
+    return {
+        "resolution": resolution,
+        "put_bytes_by_folder": by_kind,
+        "store_dtype": store_dtype,
+        "data_files": len(data),
+        "committed_bytes": committed,
+        "put_bytes_data": latent,
+        "put_bytes_all": overall,
+        "requests": requests,
+        "amplification_latent": round(latent / committed, 4),
+        "amplification_overall": round(overall / committed, 4),
+    }
 
 
 def main_bench() -> None:
@@ -79,8 +99,11 @@ def main_bench() -> None:
     args = parser.parse_args()
     from moto.server import ThreadedMotoServer
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         os.environ.setdefault(name, value)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)

@@ -174,7 +174,9 @@ def check_bucket_list(buckets: list) -> None:
     for item in buckets:
         ok = isinstance(item, list) and len(item) == 2 and all(type(v) is int and v > 0 for v in item)
         if not ok or any(v % VAE_MULTIPLE for v in item):
-            raise BucketError(f"buckets: each entry must be [height, width], positive multiples of {VAE_MULTIPLE}; got {item!r}")
+            raise BucketError(
+                f"buckets: each entry must be [height, width], positive multiples of {VAE_MULTIPLE}; got {item!r}"
+            )
 
 
 def check_generated(cfg: BucketSettings) -> None:
@@ -187,14 +189,20 @@ def check_generated(cfg: BucketSettings) -> None:
     if low > high:
         raise BucketError(f"--bucket-min {low} is larger than --bucket-max {high}")
     if not bucket_set(cfg):
-        raise BucketError(f"no bucket of area {h}x{w} has both sides within [{low}, {high}]; widen --bucket-min/--bucket-max")
+        raise BucketError(
+            f"no bucket of area {h}x{w} has both sides within [{low}, {high}]; widen --bucket-min/--bucket-max"
+        )
 
 
 def bucket_identity(cfg: BucketSettings) -> dict[str, Any]:
     """What the manifest's preprocess entry records, so a changed bucket setting is a stale cache."""
-    return {"crop": cfg.crop, "crop_seed": cfg.seed if cfg.crop == "random" else None,
-            "buckets": [list(b) for b in bucket_set(cfg)] if cfg.buckets else None,
-            "bucket_no_upscale": cfg.bucket_no_upscale, "flip": cfg.flip}
+    return {
+        "crop": cfg.crop,
+        "crop_seed": cfg.seed if cfg.crop == "random" else None,
+        "buckets": [list(b) for b in bucket_set(cfg)] if cfg.buckets else None,
+        "bucket_no_upscale": cfg.bucket_no_upscale,
+        "flip": cfg.flip,
+    }
 
 
 # ---- keeping a block's shapes together ---------------------------------------------------------

@@ -58,8 +58,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def print_summary(summary: dict[str, Any]) -> None:
     c = summary["counts"]
-    print(f"cache: {summary['output']}  ({summary['committed']}/{summary['shards']} shards committed, "
-          f"{c['written']} written, {c['failed']} failed of {c['input']} input)")
+    print(
+        f"cache: {summary['output']}  ({summary['committed']}/{summary['shards']} shards committed, "
+        f"{c['written']} written, {c['failed']} failed of {c['input']} input)"
+    )
     print(this_run(summary))
     print(f"manifest: {summary['manifest']}\nstats: {summary['stats']}\nerrors: {summary['errors']}")
     if summary["failed_shards"]:
@@ -77,7 +79,8 @@ def this_run(summary: dict[str, Any]) -> str:
         return f"this run: nothing to encode ({skip or 'no shards'}), {seconds:.1f}s"
     rate = f", {images / seconds:.1f} images/s" if seconds and images else ""
     return f"this run: {encoded} shard{'s' * (encoded != 1)} read, {images} images in {seconds:.1f}s{rate}" + (
-        f" ({skip})" if skip else "")
+        f" ({skip})" if skip else ""
+    )
 
 
 def flags_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"latentcache {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    encode = sub.add_parser("encode", help="Encode image shards into a latent cache.",
-                            usage="latentcache encode --input URL --output URL --model MODEL [options]",
-                            description="Encode image shards into a latent cache (one output file per input shard). "
-                                        "Options may also come from a YAML file (--config); flags override it.")
+    encode = sub.add_parser(
+        "encode",
+        help="Encode image shards into a latent cache.",
+        usage="latentcache encode --input URL --output URL --model MODEL [options]",
+        description="Encode image shards into a latent cache (one output file per input shard). "
+        "Options may also come from a YAML file (--config); flags override it.",
+    )
     add_dataclass_arguments(encode, EncodeConfig)
     encode.add_argument("-q", "--quiet", action="store_true", help="No progress bar.")
     encode.set_defaults(func=cmd_encode)
@@ -106,15 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     from .audit import AuditConfig
 
-    audit = sub.add_parser("audit", help="Check a cache's integrity and reconstruction quality (exit 1 on failure).",
-                           description="Integrity and reconstruction audit; writes OUT/__latentcache__/audit/{metrics.parquet,summary.json,report.html}.")
+    audit = sub.add_parser(
+        "audit",
+        help="Check a cache's integrity and reconstruction quality (exit 1 on failure).",
+        description="Integrity and reconstruction audit; writes "
+        "CACHE/__latentcache__/audit/{metrics.parquet,summary.json,report.html}.",
+    )
     add_dataclass_arguments(audit, AuditConfig)
     audit.set_defaults(func=cmd_audit)
     from .corpus_stats import StatsConfig
 
-    stats = sub.add_parser("stats", help="Exact latent statistics and suggested scaling over a cache or a raw corpus.",
-                           description="Exact latent statistics (mean/std per channel), suggested scaling_factor, "
-                                       "shift_factor and latents_mean/std with a bootstrap interval.")
+    stats = sub.add_parser(
+        "stats",
+        help="Exact latent statistics and suggested scaling over a cache or a raw corpus.",
+        description="Exact latent statistics (mean/std per channel), suggested scaling_factor, "
+        "shift_factor and latents_mean/std with a bootstrap interval.",
+    )
     add_dataclass_arguments(stats, StatsConfig)
     stats.add_argument("-q", "--quiet", action="store_true", help="No progress bar.")
     stats.set_defaults(func=cmd_stats)
@@ -126,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         quiet_libraries()
     # Only a real process stderr is filtered (not one a test harness captures in Python).

@@ -14,14 +14,18 @@ import os
 import re
 import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 # Ray Data hands its own object refs to every actor it creates, so Ray core flags every encoder
 # actor (ray-project/ray#57733); nothing in our arguments causes it and restarts still work.
-NATIVE_NOISE = (re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),)
+NATIVE_NOISE = (
+    re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),
+)
 # Loggers whose warnings describe Ray's or diffusers' defaults rather than anything the user did.
 QUIET_LOGGERS = {
-    "ray._private.authentication.authentication_token_setup": logging.ERROR,  # "token auth is enabled" (our default too)
+    # "token auth is enabled" (our default too)
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
 }
 
 
@@ -49,7 +53,9 @@ def native_stderr_filter() -> Iterator[None]:
     terminal = os.dup(2)
     read_fd, write_fd = os.pipe()
     python_stderr = sys.stderr
-    sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace")
+    sys.stderr = os.fdopen(
+        os.dup(terminal), "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace"
+    )
     os.dup2(write_fd, 2)
     os.close(write_fd)
     forwarder = threading.Thread(target=_forward, args=(read_fd, terminal), name="stderr-filter", daemon=True)
@@ -84,8 +90,14 @@ def plan_lines(cfg: Any, shards: int, todo: int, placement: Any) -> str:
 
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    device = f"{placement.encoder_gpus:g} GPU each" if placement.encoder_gpus else f"CPU, {placement.encoder_threads} threads"
+    device = (
+        f"{placement.encoder_gpus:g} GPU each"
+        if placement.encoder_gpus
+        else f"CPU, {placement.encoder_threads} threads"
+    )
     skipped = f" ({shards - todo} already committed, skipped)" if shards != todo else ""
-    return (f"encoding {todo} of {shards} shards{skipped}: {cfg.input} -> {cfg.output}\n"
-            f"encoder: {cfg.model} ({cfg.dtype}), {placement.num_encoders} actor(s) ({device}), "
-            f"on Ray: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
+    return (
+        f"encoding {todo} of {shards} shards{skipped}: {cfg.input} -> {cfg.output}\n"
+        f"encoder: {cfg.model} ({cfg.dtype}), {placement.num_encoders} actor(s) ({device}), "
+        f"on Ray: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+    )

@@ -148,8 +148,12 @@ class LatentEncoder:
         chunks = x.split(1) if self.spec.slicing else (x,)
         encode = self._encode_fn(x)
         parts = [encode(vae, chunk) for chunk in chunks]
-        return Encoded(*(None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]).float()
-                         for f in ("mean", "std", "codes")))
+        return Encoded(
+            *(
+                None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts]).float()
+                for f in ("mean", "std", "codes")
+            )
+        )
 
     def _encode_with_fallback(self, x: torch.Tensor) -> tuple[Encoded, np.ndarray]:
         """Re-runs a batch in fp32 when reduced precision gave NaN/Inf; returns which rows fell back."""
@@ -157,7 +161,11 @@ class LatentEncoder:
         finite = rows_finite([t for t in (encoded.mean, encoded.std) if t is not None], len(x))
         if all(finite) or self._fp32_vae is None:
             return encoded, np.zeros(len(x), dtype=bool)
-        log.warning("non-finite latents in %s for %d row(s): re-running the batch in fp32", self.compute_dtype, finite.count(False))
+        log.warning(
+            "non-finite latents in %s for %d row(s): re-running the batch in fp32",
+            self.compute_dtype,
+            finite.count(False),
+        )
         self._fp32_vae = self._fp32_vae.to(self.device, torch.float32)
         return self.encode_pixels(x, self._fp32_vae), np.ones(len(x), dtype=bool)
 
@@ -202,16 +210,25 @@ class LatentEncoder:
             tensors["latent_flipped"] = flipped["latent"]
         return tensors, fell_back[:n] | fell_back[n:]
 
-    def _fill(self, cols: dict[str, list], errors: list, rows: list[int], tensors: dict[str, torch.Tensor],
-              fell_back: np.ndarray) -> None:
+    def _fill(
+        self,
+        cols: dict[str, list],
+        errors: list,
+        rows: list[int],
+        tensors: dict[str, torch.Tensor],
+        fell_back: np.ndarray,
+    ) -> None:
         """Appends (rows, values) segments per column; rows whose latents are not finite become errors."""
         floats = [t for t in tensors.values() if t.is_floating_point()]
         finite = np.array(rows_finite(floats, len(rows)), dtype=bool)
         sent = codec(self.spec.store_dtype).sender.name  # int8/fp8: float32 rows, the cache writer quantises
         storable = np.array(rows_finite([t.to(TORCH_DTYPES[sent]) for t in floats], len(rows)), dtype=bool)
         for j in np.flatnonzero(~(finite & storable)):
-            errors[rows[j]] = (f"{NONFINITE_REASON} (NaN/Inf), also in fp32" if not finite[j]
-                               else f"latent overflows --store-dtype {self.spec.store_dtype}")
+            errors[rows[j]] = (
+                f"{NONFINITE_REASON} (NaN/Inf), also in fp32"
+                if not finite[j]
+                else f"latent overflows --store-dtype {self.spec.store_dtype}"
+            )
         ok = finite & storable
         good = np.asarray(rows, dtype=np.int64)[ok]
         for name, t in tensors.items():

@@ -78,13 +78,14 @@ def preprocess_drafted(data: bytes | None, spec: Any, *, key: str, planner: Any)
 # ---- whole-column moves ---------------------------------------------------------------------
 
 
-def stack_binary(column: pa.ChunkedArray | pa.Array, rows: np.ndarray, shape: tuple[int, ...],
-                 dtype: Any = np.uint8) -> np.ndarray:
+def stack_binary(
+    column: pa.ChunkedArray | pa.Array, rows: np.ndarray, shape: tuple[int, ...], dtype: Any = np.uint8
+) -> np.ndarray:
     """The rows' equal-sized binary values as one writable [n, *shape] array: one copy in Arrow, no per-row Python."""
     picked = column.take(pa.array(rows, pa.int64()))
     picked = picked.combine_chunks() if isinstance(picked, pa.ChunkedArray) else picked
-    offsets = np.frombuffer(picked.buffers()[1], dtype=np.int32)[picked.offset:picked.offset + len(picked) + 1]
-    data = np.frombuffer(picked.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    offsets = np.frombuffer(picked.buffers()[1], dtype=np.int32)[picked.offset : picked.offset + len(picked) + 1]
+    data = np.frombuffer(picked.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     return data.view(dtype).reshape(len(rows), *shape).copy()
 
 

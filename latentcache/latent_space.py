@@ -64,12 +64,18 @@ class LatentSpace:
         scaling = 1.0 if scaling is None else float(scaling)
         frame_axis = bool(overrides.get("frame_axis", False))
         if mean is not None and std is not None:
-            return cls(convention="per_channel", scaling_factor=scaling, frame_axis=frame_axis,
-                       latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)))
+            return cls(
+                convention="per_channel",
+                scaling_factor=scaling,
+                frame_axis=frame_axis,
+                latents_mean=tuple(map(float, mean)),
+                latents_std=tuple(map(float, std)),
+            )
         # AutoencoderTiny's config carries shift_factor 0.0: that is plain scaling, and is recorded as such.
         if shift is not None and (float(shift) != 0.0 or overrides.get("shift_factor") is not None):
-            return cls(convention="shift_scale", scaling_factor=scaling, shift_factor=float(shift),
-                       frame_axis=frame_axis)
+            return cls(
+                convention="shift_scale", scaling_factor=scaling, shift_factor=float(shift), frame_axis=frame_axis
+            )
         return cls(convention="scale", scaling_factor=scaling, frame_axis=frame_axis)
 
     @classmethod
@@ -93,8 +99,8 @@ class LatentSpace:
             "shift_scale": "stored = (z - shift_factor) * scaling_factor",
             "per_channel": "stored = (z - latents_mean[c]) * scaling_factor / latents_std[c]",
             "patch_bn": f"stored = (patchify_{self.patch_size}x{self.patch_size}(z)[c] - latents_mean[c]) * "
-                        "scaling_factor / latents_std[c]; latents_mean = bn.running_mean, "
-                        "latents_std = sqrt(bn.running_var + batch_norm_eps) (Flux2Pipeline._encode_vae_image)",
+            "scaling_factor / latents_std[c]; latents_mean = bn.running_mean, "
+            "latents_std = sqrt(bn.running_var + batch_norm_eps) (Flux2Pipeline._encode_vae_image)",
         }[self.convention]
         return text + ("; vae.decode takes z[:, :, None] (one frame)" if self.frame_axis else "")
 
@@ -102,8 +108,9 @@ class LatentSpace:
         """(offset_c, scale_c) in float64 for a (patchified) latent with `channels` channels."""
         if self.convention in ("per_channel", "patch_bn"):
             if len(self.latents_mean) != channels:
-                raise ValueError(f"latents_mean has {len(self.latents_mean)} entries but the latent has "
-                                 f"{channels} channels")
+                raise ValueError(
+                    f"latents_mean has {len(self.latents_mean)} entries but the latent has {channels} channels"
+                )
             offset = np.asarray(self.latents_mean, dtype=np.float64)
             scale = self.scaling_factor / np.asarray(self.latents_std, dtype=np.float64)
             return offset, scale
@@ -151,8 +158,10 @@ class LatentSpace:
         if type(x).__module__.startswith("torch"):  # a tensor: keep its device, compute in its dtype
             import torch
 
-            return (torch.as_tensor(offset, dtype=x.dtype, device=x.device),
-                    torch.as_tensor(scale, dtype=x.dtype, device=x.device))
+            return (
+                torch.as_tensor(offset, dtype=x.dtype, device=x.device),
+                torch.as_tensor(scale, dtype=x.dtype, device=x.device),
+            )
         return offset, scale  # numpy: float64, so unscaling a cache is exact to float64 rounding
 
 
@@ -184,5 +193,8 @@ def patch_bn_fragment(suggested: dict[str, Any], patch: int = 2, eps: float = 1e
     the patch); running_var is given for batch_norm_eps = eps, so sqrt(var + eps) is the suggested std."""
     mean = np.repeat(np.asarray(suggested["latents_mean"], np.float64), patch * patch)
     std = np.repeat(np.asarray(suggested["latents_std"], np.float64), patch * patch)
-    return {"bn.running_mean": mean.tolist(), "bn.running_var": np.maximum(std * std - eps, 0.0).tolist(),
-            "batch_norm_eps": eps}
+    return {
+        "bn.running_mean": mean.tolist(),
+        "bn.running_var": np.maximum(std * std - eps, 0.0).tolist(),
+        "batch_norm_eps": eps,
+    }

@@ -11,8 +11,9 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -22,7 +23,6 @@ from ray.data.block import BlockMetadata
 from tqdm import tqdm
 
 from . import storage
-from .console import plan_lines, quiet_ray_data
 from .buckets import BucketPlanner, bucket_identity, preprocess_bucketed
 from .cache.claim import claim_output
 from .cache.commit import Committer, ShardLedger, crash_point, fail_shard, remove_unnamed
@@ -33,6 +33,7 @@ from .cache.log import CommitLog
 from .cache.records import COMMITTED
 from .cache.writer import WriteSpec, write_block
 from .config import EncodeConfig, public_dict
+from .console import plan_lines, quiet_ray_data
 from .encode import EncodeSpec, LatentEncoder
 from .manifest import library_versions
 from .models import ModelSpec, check_options, compute_dtype, latent_space_for, weights_sha256
@@ -52,11 +53,16 @@ class ShardDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(read_shard_blocks, s, self.options, rows_per_block=self.rows_per_block),
-                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(s.url,)))
-                for s in self.shards]
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        return [
+            ReadTask(
+                functools.partial(read_shard_blocks, s, self.options, rows_per_block=self.rows_per_block),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(s.url,)),
+            )
+            for s in self.shards
+        ]
 
 
 @dataclass(frozen=True)
@@ -77,50 +83,86 @@ def plan_placement(cfg: EncodeConfig) -> Placement:
 
 
 def identity(cfg: EncodeConfig, sha: dict[str, str], family: str, space: dict[str, Any]) -> dict[str, Any]:
-    return {"model": cfg.model, "model_sha256": sha, "model_class": family, "latent_space": space,
-            "preprocess": {"resolution": cfg.resolution, "resize": "bicubic-antialias",
-                           "max_pixels": cfg.max_pixels, "min_size": cfg.min_size, **bucket_identity(cfg),
-                           **({"jpeg_draft": True} if cfg.jpeg_draft else {})},
-            "posterior": cfg.posterior, "seed": cfg.seed if cfg.posterior == "sample" else None,
-            "store_dtype": cfg.store_dtype, "format": cfg.format, "tensor_layout": cfg.tensor_layout,
-            "vq_output": cfg.vq_output, "store_posterior": cfg.store_posterior, "dtype": cfg.dtype}
+    return {
+        "model": cfg.model,
+        "model_sha256": sha,
+        "model_class": family,
+        "latent_space": space,
+        "preprocess": {
+            "resolution": cfg.resolution,
+            "resize": "bicubic-antialias",
+            "max_pixels": cfg.max_pixels,
+            "min_size": cfg.min_size,
+            **bucket_identity(cfg),
+            **({"jpeg_draft": True} if cfg.jpeg_draft else {}),
+        },
+        "posterior": cfg.posterior,
+        "seed": cfg.seed if cfg.posterior == "sample" else None,
+        "store_dtype": cfg.store_dtype,
+        "format": cfg.format,
+        "tensor_layout": cfg.tensor_layout,
+        "vq_output": cfg.vq_output,
+        "store_posterior": cfg.store_posterior,
+        "dtype": cfg.dtype,
+    }
 
 
 def read_dataset(cfg: EncodeConfig, shards: list[ShardRef]) -> ray.data.Dataset:
     """Raw rows (and each shard's marker), one read task per shard."""
     options = SourceOptions.from_config(cfg)
-    return ray.data.read_datasource(ShardDatasource(shards, options, cfg.rows_per_block), override_num_blocks=len(shards))
+    return ray.data.read_datasource(
+        ShardDatasource(shards, options, cfg.rows_per_block), override_num_blocks=len(shards)
+    )
 
 
-def encoded_dataset(cfg: EncodeConfig, shards: list[ShardRef], placement: Placement, *,
-                    select: Callable[[pa.Table], pa.Table] | None = None) -> ray.data.Dataset:
+def encoded_dataset(
+    cfg: EncodeConfig,
+    shards: list[ShardRef],
+    placement: Placement,
+    *,
+    select: Callable[[pa.Table], pa.Table] | None = None,
+) -> ray.data.Dataset:
     """read -> [select] -> preprocess -> encode, nothing written: shared by encode and the stats job.
 
     `select` filters raw rows before any image is decoded (the stats job's sample)."""
-    pspec = PreprocessSpec(resolution=cfg.resolution, max_pixels=cfg.max_pixels, min_size=cfg.min_size,
-                           jpeg_draft=cfg.jpeg_draft)
+    pspec = PreprocessSpec(
+        resolution=cfg.resolution, max_pixels=cfg.max_pixels, min_size=cfg.min_size, jpeg_draft=cfg.jpeg_draft
+    )
     espec = EncodeSpec.from_config(cfg)
     espec = EncodeSpec(**{**espec.__dict__, "threads": placement.encoder_threads})
     ds = read_dataset(cfg, shards)
     if select is not None:  # same CPUs as preprocess, so Ray fuses read, select and decode into one task
         ds = ds.map_batches(select, batch_format="pyarrow", batch_size=None, num_cpus=cfg.decode_cpus)
     decode = preprocess_bucketed if cfg.buckets else preprocess_batch  # bucketed: rows sorted by shape
-    ds = ds.map_batches(decode, fn_kwargs={"spec": pspec, "planner": BucketPlanner.from_config(cfg)},
-                        batch_format="pyarrow", batch_size=None,
-                        num_cpus=cfg.decode_cpus)
-    ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"model": ModelSpec.from_config(cfg), "spec": espec},
-                        batch_format="pyarrow", batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=placement.num_encoders),
-                        num_gpus=placement.encoder_gpus, num_cpus=placement.encoder_cpus,
-                        runtime_env=encoder_runtime_env())  # startup.py says why; Ray Data restarts dead actors
+    ds = ds.map_batches(
+        decode,
+        fn_kwargs={"spec": pspec, "planner": BucketPlanner.from_config(cfg)},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=cfg.decode_cpus,
+    )
+    ds = ds.map_batches(
+        LatentEncoder,
+        fn_constructor_kwargs={"model": ModelSpec.from_config(cfg), "spec": espec},
+        batch_format="pyarrow",
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=placement.num_encoders),
+        num_gpus=placement.encoder_gpus,
+        num_cpus=placement.encoder_cpus,
+        runtime_env=encoder_runtime_env(),
+    )  # startup.py says why; Ray Data restarts dead actors
     return ds
 
 
 def build_dataset(cfg: EncodeConfig, shards: list[ShardRef], spec: WriteSpec, placement: Placement) -> ray.data.Dataset:
     """Encoded rows re-batched (bounding the parts per shard) into the writer tasks."""
     return encoded_dataset(cfg, shards, placement).map_batches(
-        write_block, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=max(cfg.rows_per_block, cfg.batch_size),
-        num_cpus=0.25)
+        write_block,
+        fn_kwargs={"spec": spec},
+        batch_format="pyarrow",
+        batch_size=max(cfg.rows_per_block, cfg.batch_size),
+        num_cpus=0.25,
+    )
 
 
 def iter_mapped(ds: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> Iterator[dict[str, Any]]:
@@ -141,8 +183,10 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
     dtype = str(compute_dtype(vae.config, cfg.dtype, cfg.no_upcast)).removeprefix("torch.")
     del vae
     layout = Layout(cfg.output, cfg.storage_options)
-    run_identity = {**identity(cfg, weights_sha256(cfg.model, cfg.model_subfolder, cfg.storage_options), family.name, space),
-                    "compute_dtype": dtype}
+    run_identity = {
+        **identity(cfg, weights_sha256(cfg.model, cfg.model_subfolder, cfg.storage_options), family.name, space),
+        "compute_dtype": dtype,
+    }
     claim_output(layout, run_identity, overwrite=cfg.overwrite)
     commit_log = CommitLog(url=layout.log_url, storage_options=cfg.storage_options)
     records = commit_log.state()
@@ -157,9 +201,16 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
         ensure_ray()
         placement = plan_placement(cfg)
         print(plan_lines(cfg, len(shards), len(todo), placement), flush=True)
-        spec = WriteSpec(root=cfg.output, storage_options=cfg.storage_options, format=cfg.format,
-                         tensor_layout=cfg.tensor_layout, store_dtype=cfg.store_dtype, space=space,
-                         bucketed=bool(cfg.buckets), base=shard_base([s.url for s in shards]))
+        spec = WriteSpec(
+            root=cfg.output,
+            storage_options=cfg.storage_options,
+            format=cfg.format,
+            tensor_layout=cfg.tensor_layout,
+            store_dtype=cfg.store_dtype,
+            space=space,
+            bucketed=bool(cfg.buckets),
+            base=shard_base([s.url for s in shards]),
+        )
         drive(build_dataset(cfg, todo, spec, placement), todo, Committer(layout, commit_log), cfg.format, progress)
     settle_duplicates(layout, commit_log, fmt=cfg.format, space=space, after_kill=after_kill)
     if todo or after_kill:
@@ -167,10 +218,17 @@ def run_encode(cfg: EncodeConfig, *, progress: bool = True) -> dict[str, Any]:
         crash_point("run-ended")
     run = {**run_identity, "config": public_dict(cfg), "versions": library_versions()}
     out = write_run_outputs(layout, commit_log, run, [s.id for s in shards])
-    return {"output": cfg.output, "manifest": layout.url(layout.manifest), "stats": layout.url(layout.stats),
-            "errors": layout.url(layout.errors_dir), "shards": len(shards), **out,
-            "seconds": round(time.time() - started, 2), "skipped_shards": len(shards) - len(todo),
-            "encoded_input": encoded_input(commit_log.state(), todo)}
+    return {
+        "output": cfg.output,
+        "manifest": layout.url(layout.manifest),
+        "stats": layout.url(layout.stats),
+        "errors": layout.url(layout.errors_dir),
+        "shards": len(shards),
+        **out,
+        "seconds": round(time.time() - started, 2),
+        "skipped_shards": len(shards) - len(todo),
+        "encoded_input": encoded_input(commit_log.state(), todo),
+    }
 
 
 def encoded_input(records: dict[str, dict[str, Any]], todo: list[ShardRef]) -> int:
@@ -193,7 +251,9 @@ def drive(ds: ray.data.Dataset, todo: list[ShardRef], committer: Committer, fmt:
                 bar.update()
     for shard in sorted(set(names) - done):  # rows lost in the pipeline: the shard is failed, its parts go
         record = ledger.record(shard, names[shard])
-        committer.add(fail_shard(committer.layout, record, fmt, "shard never completed (rows missing from the pipeline)"))
+        committer.add(
+            fail_shard(committer.layout, record, fmt, "shard never completed (rows missing from the pipeline)")
+        )
     committer.flush()
     bar.close()
 

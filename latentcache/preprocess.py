@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +49,9 @@ class CropMeta:
     bucket_width: int
 
 
-def decode_image(data: bytes | None, *, max_pixels: int, draft: Callable[[Image.Image], None] | None = None) -> Image.Image:
+def decode_image(
+    data: bytes | None, *, max_pixels: int, draft: Callable[[Image.Image], None] | None = None
+) -> Image.Image:
     """Decodes fully (so truncation shows here, not later) and guards against decompression bombs."""
     if not data:
         raise ImageError("empty image (0 bytes)")
@@ -91,8 +94,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def resize_and_crop(img: Image.Image, height: int, width: int, *, crop: str = "center",
-                    rng: np.random.Generator | None = None) -> tuple[Image.Image, CropMeta]:
+def resize_and_crop(
+    img: Image.Image, height: int, width: int, *, crop: str = "center", rng: np.random.Generator | None = None
+) -> tuple[Image.Image, CropMeta]:
     """Resizes to cover (height, width) keeping the aspect ratio, then crops to it."""
     orig_w, orig_h = img.size
     scale = max(height / orig_h, width / orig_w)
@@ -127,8 +131,9 @@ def square_planner(spec: PreprocessSpec) -> Planner:
     return plan
 
 
-def preprocess_image(data: bytes | None, spec: PreprocessSpec, *, key: str = "",
-                     planner: Planner | None = None) -> tuple[np.ndarray, CropMeta]:
+def preprocess_image(
+    data: bytes | None, spec: PreprocessSpec, *, key: str = "", planner: Planner | None = None
+) -> tuple[np.ndarray, CropMeta]:
     if spec.jpeg_draft:
         from .fastpath import preprocess_drafted
 
@@ -145,8 +150,7 @@ def preprocess_image(data: bytes | None, spec: PreprocessSpec, *, key: str = "",
 def preprocess_batch(table: pa.Table, spec: PreprocessSpec, planner: Planner | None = None) -> pa.Table:
     """raw rows -> pixel rows; an undecodable image becomes an error row, never an exception."""
     n = table.num_rows
-    out: dict[str, list] = {name: [None] * n for name in
-                            ("pixels", "height", "width", *(name for name, _ in CROP))}
+    out: dict[str, list] = {name: [None] * n for name in ("pixels", "height", "width", *(name for name, _ in CROP))}
     errors = table.column("error").to_pylist()
     keys, images = table.column("key").to_pylist(), table.column("image")
     for i in range(n):

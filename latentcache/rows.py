@@ -2,7 +2,8 @@
 
     raw      (sources)    key, shard, index, image, caption, error, shard_rows, shard_status
     pixels   (preprocess) raw - image + pixels, height, width, original_*, crop_*, bucket_*
-    encoded  (encode)     pixels - pixels + latent, posterior_mean, posterior_std, codes, latent_flipped, latent_shape, fallback
+    encoded  (encode)     pixels - pixels + latent, posterior_mean, posterior_std, codes, latent_flipped,
+                          latent_shape, fallback
 
 Every stage passes every row through, error rows and each shard's marker row included, so the
 driver can reconcile counts per shard. Tensors travel as raw bytes plus a shape: rows of
@@ -36,7 +37,8 @@ RAW_SCHEMA = pa.schema(PASSTHROUGH[:3] + [("image", pa.binary())] + PASSTHROUGH[
 PIXEL_SCHEMA = pa.schema(PASSTHROUGH + CROP + [("pixels", pa.binary()), ("height", pa.int32()), ("width", pa.int32())])
 TENSOR_COLUMNS = ("latent", "posterior_mean", "posterior_std", "codes", "latent_flipped")
 ENCODED_SCHEMA = pa.schema(
-    PASSTHROUGH + CROP
+    PASSTHROUGH
+    + CROP
     + [(name, pa.binary()) for name in TENSOR_COLUMNS]
     + [("latent_shape", pa.list_(pa.int32())), ("store_dtype", pa.string()), ("fallback", pa.string())]
 )

@@ -27,20 +27,26 @@ def _photos() -> list[np.ndarray]:
     return photos
 
 
-def natural_image(rng: np.random.Generator, height: int, width: int, photos: list[np.ndarray] | None = None) -> Image.Image:
+def natural_image(
+    rng: np.random.Generator, height: int, width: int, photos: list[np.ndarray] | None = None
+) -> Image.Image:
     """A random crop of a bundled photograph, resized to (height, width), with a random tint."""
     photo = (photos or _photos())[rng.integers(len(photos or PHOTOS))]
     h, w = photo.shape[:2]
     ch, cw = int(h * rng.uniform(0.4, 1.0)), int(w * rng.uniform(0.4, 1.0))
     top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    crop = Image.fromarray(photo[top:top + ch, left:left + cw]).resize((width, height), Image.Resampling.BICUBIC)
+    crop = Image.fromarray(photo[top : top + ch, left : left + cw]).resize((width, height), Image.Resampling.BICUBIC)
     tint = rng.uniform(0.8, 1.2, size=3)
     return Image.fromarray(np.clip(np.asarray(crop) * tint, 0, 255).astype(np.uint8))
 
 
 def encode_image(img: Image.Image, ext: str) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext], **({"quality": 90} if ext in ("jpg", "jpeg") else {}))
+    img.save(
+        buf,
+        format={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext],
+        **({"quality": 90} if ext in ("jpg", "jpeg") else {}),
+    )
     return buf.getvalue()
 
 
@@ -54,8 +60,16 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def make_shards(folder: Path, *, shards: int = 4, per_shard: int = 16, size: tuple[int, int] = (320, 384),
-                ext: str = "jpg", seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> list[Path]:
+def make_shards(
+    folder: Path,
+    *,
+    shards: int = 4,
+    per_shard: int = 16,
+    size: tuple[int, int] = (320, 384),
+    ext: str = "jpg",
+    seed: int = 0,
+    sizes: list[tuple[int, int]] | None = None,
+) -> list[Path]:
     """Writes shard-00000.tar ... with `per_shard` captioned images each; returns their paths."""
     rng = np.random.default_rng(seed)
     photos = _photos()
@@ -72,9 +86,15 @@ def make_shards(folder: Path, *, shards: int = 4, per_shard: int = 16, size: tup
     return paths
 
 
-TINY_KL = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-               up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-               norm_num_groups=16, sample_size=64)
+TINY_KL = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=64,
+)
 
 
 def make_vae(folder: Path, *, kind: str = "kl", seed: int = 0, **overrides: Any) -> Path:
@@ -84,17 +104,35 @@ def make_vae(folder: Path, *, kind: str = "kl", seed: int = 0, **overrides: Any)
 
     torch.manual_seed(seed)
     if kind == "kl":
-        config = {**TINY_KL, "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-                  "block_out_channels": (32, 32, 64, 64), **overrides}
+        config = {
+            **TINY_KL,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (32, 32, 64, 64),
+            **overrides,
+        }
         model = diffusers.AutoencoderKL(**config)
     elif kind == "tiny":
-        config = dict(encoder_block_out_channels=(16, 16, 16, 16), decoder_block_out_channels=(16, 16, 16, 16),
-                      num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4, **overrides)
+        config = dict(
+            encoder_block_out_channels=(16, 16, 16, 16),
+            decoder_block_out_channels=(16, 16, 16, 16),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+            latent_channels=4,
+            **overrides,
+        )
         model = diffusers.AutoencoderTiny(**config)
     elif kind == "vq":
-        config = dict(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                      up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=3,
-                      num_vq_embeddings=64, norm_num_groups=16, **overrides)
+        config = dict(
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1,
+            latent_channels=3,
+            num_vq_embeddings=64,
+            norm_num_groups=16,
+            **overrides,
+        )
         model = diffusers.VQModel(**config)
     else:
         raise ValueError(f"unknown VAE kind {kind!r}")

@@ -6,5 +6,12 @@ from .cache.writer import ERRORS_SCHEMA, NONFINITE_REASON, group_rows, parquet_b
 fixed_shape_tensor_array = fixed_shape_tensor
 nested_list_array = nested_lists
 
-__all__ = ["ERRORS_SCHEMA", "NONFINITE_REASON", "column_to_numpy", "fixed_shape_tensor_array", "group_rows",
-           "nested_list_array", "parquet_bytes"]
+__all__ = [
+    "ERRORS_SCHEMA",
+    "NONFINITE_REASON",
+    "column_to_numpy",
+    "fixed_shape_tensor_array",
+    "group_rows",
+    "nested_list_array",
+    "parquet_bytes",
+]

@@ -15,8 +15,9 @@ from __future__ import annotations
 import posixpath
 import re
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,9 +55,13 @@ class SourceOptions:
     caption_column: str = "caption"
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "SourceOptions":
-        return cls(storage_options=cfg.storage_options, image_column=cfg.image_column,
-                   key_column=cfg.key_column, caption_column=cfg.caption_column)
+    def from_config(cls, cfg: Any) -> SourceOptions:
+        return cls(
+            storage_options=cfg.storage_options,
+            image_column=cfg.image_column,
+            key_column=cfg.key_column,
+            caption_column=cfg.caption_column,
+        )
 
 
 @dataclass(frozen=True)
@@ -167,12 +172,16 @@ def parquet_columns(schema: pa.Schema, options: SourceOptions, url: str) -> tupl
     """Checks the image column and picks the key and caption columns; raises a clear error."""
     names = set(schema.names)
     if options.image_column not in names:
-        raise InputError(f"{url}: image column {options.image_column!r} not found; columns are "
-                         f"{', '.join(schema.names)} (use --image-column)")
+        raise InputError(
+            f"{url}: image column {options.image_column!r} not found; columns are "
+            f"{', '.join(schema.names)} (use --image-column)"
+        )
     image_type = schema.field(options.image_column).type
     if not _holds_bytes(image_type):
-        raise InputError(f"{url}: image column {options.image_column!r} holds {image_type}, not image bytes "
-                         "(binary, or a struct with a 'bytes' field)")
+        raise InputError(
+            f"{url}: image column {options.image_column!r} holds {image_type}, not image bytes "
+            "(binary, or a struct with a 'bytes' field)"
+        )
     key_col = options.key_column if options.key_column in names else None
     if key_col is None and options.key_column != SourceOptions.key_column:
         raise InputError(f"{url}: key column {options.key_column!r} not found (use --key-column)")
@@ -209,8 +218,9 @@ def read_parquet(shard: ShardRef, options: SourceOptions) -> Iterator[Sample]:
         try:
             yield from _parquet_samples(pq.ParquetFile(f), shard.url, options)
         except (pa.ArrowException, OSError) as exc:  # no footer (truncated), a corrupt page header...
-            raise ShardDataError(f"Parquet shard cannot be read: {type(exc).__name__}: "
-                                 f"{' '.join(str(exc).split())}") from None
+            raise ShardDataError(
+                f"Parquet shard cannot be read: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            ) from None
 
 
 def _parquet_samples(reader: pq.ParquetFile, url: str, options: SourceOptions) -> Iterator[Sample]:
@@ -252,8 +262,9 @@ def read_folder_chunk(shard: ShardRef, options: SourceOptions) -> Iterator[Sampl
             continue
         yield Sample(key, image, _folder_caption(fs, posixpath.splitext(path)[0] + ".txt"))
     if unreadable:
-        raise ShardDataError(f"{len(unreadable)} of {len(shard.members)} image files cannot be read, "
-                             f"first {unreadable[0]}")
+        raise ShardDataError(
+            f"{len(unreadable)} of {len(shard.members)} image files cannot be read, first {unreadable[0]}"
+        )
 
 
 def _folder_caption(fs: Any, path: str) -> str | None:
@@ -289,8 +300,10 @@ def detect_format(urls: list[str]) -> str:
         return formats.pop()
     if all(posixpath.splitext(u)[1].lower().lstrip(".") in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS for u in urls):
         return "folder"
-    raise InputError("cannot tell the input format from the file names (mixed or unknown suffixes); "
-                     "pass --input-format webdataset|parquet|folder")
+    raise InputError(
+        "cannot tell the input format from the file names (mixed or unknown suffixes); "
+        "pass --input-format webdataset|parquet|folder"
+    )
 
 
 def safe_name(relative: str) -> str:
@@ -332,8 +345,10 @@ def _folder_chunks(pattern: str, urls: list[str]) -> list[ShardRef]:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {pattern}")
     plain_dir = not (storage.is_glob(pattern) or "{" in pattern)
     root = pattern.rstrip("/") if plain_dir else _common_dir(images)
-    return [ShardRef(root, f"part-{i // FOLDER_SHARD_SIZE:05d}", "folder", tuple(images[i:i + FOLDER_SHARD_SIZE]))
-            for i in range(0, len(images), FOLDER_SHARD_SIZE)]
+    return [
+        ShardRef(root, f"part-{i // FOLDER_SHARD_SIZE:05d}", "folder", tuple(images[i : i + FOLDER_SHARD_SIZE]))
+        for i in range(0, len(images), FOLDER_SHARD_SIZE)
+    ]
 
 
 # ---- shard -> blocks of raw rows -------------------------------------------------------------
@@ -349,8 +364,16 @@ def read_shard_blocks(shard: ShardRef, options: SourceOptions, *, rows_per_block
     count, error, status = 0, None, "ok"
     try:
         for sample in READERS[shard.format](shard, options):
-            rows.append({"key": sample.key, "shard": shard.id, "index": count, "image": sample.image,
-                         "caption": sample.caption, "error": sample.error})
+            rows.append(
+                {
+                    "key": sample.key,
+                    "shard": shard.id,
+                    "index": count,
+                    "image": sample.image,
+                    "caption": sample.caption,
+                    "error": sample.error,
+                }
+            )
             count += 1
             if len(rows) >= rows_per_block:
                 yield _rows_table(rows)
@@ -359,6 +382,7 @@ def read_shard_blocks(shard: ShardRef, options: SourceOptions, *, rows_per_block
         error, status = str(exc), "failed"
     except Exception as exc:  # noqa: BLE001 - storage faults after retries: the shard is reported failed
         error, status = f"read failed: {storage.describe(exc, options.storage_options)}", "failed"
-    rows.append({"key": None, "shard": shard.id, "index": count, "shard_rows": count,
-                 "error": error, "shard_status": status})
+    rows.append(
+        {"key": None, "shard": shard.id, "index": count, "shard_rows": count, "error": error, "shard_status": status}
+    )
     yield _rows_table(rows)

@@ -12,7 +12,8 @@ import posixpath
 import random
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from braceexpand import braceexpand
@@ -81,8 +82,9 @@ def _folder_listing(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, dic
         return None
 
 
-def _expand_listed(fs: fsspec.AbstractFileSystem, path: str, item: str,
-                   listings: dict[str, dict[str, dict[str, Any]] | None]) -> list[str]:
+def _expand_listed(
+    fs: fsspec.AbstractFileSystem, path: str, item: str, listings: dict[str, dict[str, dict[str, Any]] | None]
+) -> list[str]:
     folder = posixpath.dirname(path.rstrip("/"))
     if folder not in listings:
         listings[folder] = _folder_listing(fs, folder)
@@ -122,7 +124,7 @@ def retrying(fn: Callable[..., T], *, attempts: int = 5, base_delay: float = 0.2
                 return fn(*args, **kwargs)
             except (FileNotFoundError, PermissionError, IsADirectoryError):
                 raise
-            except Exception as exc:  # noqa: BLE001 - any other storage error may be transient
+            except Exception as exc:
                 if attempt == attempts - 1:
                     raise StorageError(f"{fn.__name__} failed after {attempts} attempts: {describe(exc)}") from exc
                 delay = base_delay * (2**attempt) * (0.5 + random.random())

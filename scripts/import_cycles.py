@@ -137,9 +137,12 @@ def main() -> int:
         print("CYCLE through function-local imports:", " <-> ".join(component))
     for line in oversize:
         print(f"OVER {args.max_lines} LINES: {line}")
-    print(f"{len(found)} import cycle(s), {len(late)} more through function-local imports, "
-          f"{len(oversize)} module(s) over {args.max_lines} lines")
+    print(
+        f"{len(found)} import cycle(s), {len(late)} more through function-local imports, "
+        f"{len(oversize)} module(s) over {args.max_lines} lines"
+    )
     return 1 if found or oversize or (args.strict and late) else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

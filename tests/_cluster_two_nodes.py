@@ -43,19 +43,45 @@ def decode_nodes(wanted: int, timeout: float = 60.0) -> set[str]:
 
 
 def run(input_url: str, output: str, model: str) -> dict[str, Any]:
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "object_store_memory": 150 * MiB, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "object_store_memory": 150 * MiB,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+        },
+    )
     try:
         gpu_node = cluster.add_node(num_cpus=3, num_gpus=1, object_store_memory=150 * MiB)  # a logical GPU
         ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-        status = latentcache(["encode", "--quiet", "--input", input_url, "--output", output, "--model", model,
-                              "--resolution", "64", "--batch-size", "4"])
+        status = latentcache(
+            [
+                "encode",
+                "--quiet",
+                "--input",
+                input_url,
+                "--output",
+                output,
+                "--model",
+                model,
+                "--resolution",
+                "64",
+                "--batch-size",
+                "4",
+            ]
+        )
         actors = list_actors(limit=10_000, raise_on_missing_output=False)  # alive or already DEAD
         encoders = [a for a in actors if "LatentEncoder" in a.class_name]  # MapWorker(MapBatches(LatentEncoder))
-        return {"status": status, "head_node": cluster.head_node.node_id, "gpu_node": gpu_node.node_id,
-                "encoder_nodes": sorted({a.node_id for a in encoders}), "encoders": len(encoders),
-                "decode_nodes": sorted(decode_nodes(wanted=2))}
+        return {
+            "status": status,
+            "head_node": cluster.head_node.node_id,
+            "gpu_node": gpu_node.node_id,
+            "encoder_nodes": sorted({a.node_id for a in encoders}),
+            "encoders": len(encoders),
+            "decode_nodes": sorted(decode_nodes(wanted=2)),
+        }
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
-from latentcache.samples import make_shards, make_vae  # noqa: E402
+from latentcache.samples import make_shards, make_vae
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +24,14 @@ def ray_session():
 
     if not ray.is_initialized():
         # address="local": never join a cluster another test (or user) started with `ray start`.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR", object_store_memory=400 << 20)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            object_store_memory=400 << 20,
+        )
     from latentcache.pipeline import ensure_ray
 
     ensure_ray()
@@ -75,8 +81,11 @@ def s3(s3_server, monkeypatch):
     import requests
 
     requests.post(f"{s3_server}/moto-api/reset")
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="lcache")  # S3 names need 3+ characters
     yield "lcache", {"endpoint_url": s3_server, "key": "testing", "secret": "s3cr3t-SECRET-value"}

@@ -49,7 +49,7 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self._thread.start()
         return self
 
@@ -104,8 +104,10 @@ class FaultProxy:
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
             def _fail(self, status: int, code: str, message: str) -> None:
-                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                        f"<Message>{message}</Message><RequestId>faultproxy</RequestId></Error>").encode()
+                body = (
+                    f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                    f"<Message>{message}</Message><RequestId>faultproxy</RequestId></Error>"
+                ).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
@@ -128,8 +130,10 @@ class FaultProxy:
                     if name.lower() not in HOP_BY_HOP | {"content-length"}:
                         self.send_header(name, value)
                 # HEAD answers carry the object's length, not the (empty) body's
-                self.send_header("Content-Length", response.getheader("Content-Length", "0") if self.command == "HEAD"
-                                 else str(len(data)))
+                self.send_header(
+                    "Content-Length",
+                    response.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)),
+                )
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -94,18 +94,34 @@ def audit_cli(cache: Path, *extra: str) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def clean_audit(clean_cache, kl_model, input_pattern):
-    rc, summary = audit_cli(clean_cache, "--input", input_pattern, "--model", str(kl_model), "--sample", "5",
-                            "--top-k", "2")
+    rc, summary = audit_cli(
+        clean_cache, "--input", input_pattern, "--model", str(kl_model), "--sample", "5", "--top-k", "2"
+    )
     return rc, summary, clean_cache / "__latentcache__" / "audit"
 
 
 def test_clean_cache_passes_every_check(clean_audit):
     rc, summary, _ = clean_audit
     assert rc == 0 and summary["ok"] and summary["failures"] == [] and summary["failures_by_kind"] == {}
-    assert {"files", "row_count", "shape", "dtype", "non_finite", "duplicate_key", "model_identity",
-            "input_keys"} <= set(summary["checks"])
-    assert summary["counts"] == {"files": 2, "rows_recorded": 12, "rows_read": 12, "keys": 12, "error_rows": 0,
-                                 "sampled": 5, "scored": 5}
+    assert {
+        "files",
+        "row_count",
+        "shape",
+        "dtype",
+        "non_finite",
+        "duplicate_key",
+        "model_identity",
+        "input_keys",
+    } <= set(summary["checks"])
+    assert summary["counts"] == {
+        "files": 2,
+        "rows_recorded": 12,
+        "rows_read": 12,
+        "keys": 12,
+        "error_rows": 0,
+        "sampled": 5,
+        "scored": 5,
+    }
     psnr_stats = summary["metrics"]["psnr"]
     assert psnr_stats["count"] == 5 and psnr_stats["p5"] <= psnr_stats["median"] <= psnr_stats["max"]
     assert set(summary["metrics"]["ssim"]) >= {"mean", "median", "p5"}
@@ -118,7 +134,8 @@ def test_metrics_parquet_has_one_row_per_audited_key(clean_audit, clean_cache):
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
     assert len(rows) == 5 and len({r["key"] for r in rows}) == 5
     cached = set(Cache(str(clean_cache)).errors().column("key").to_pylist()) | {
-        k for b in Cache(str(clean_cache)).blocks() for k in b.keys}
+        k for b in Cache(str(clean_cache)).blocks() for k in b.keys
+    }
     for r in rows:
         assert r["key"] in cached and r["status"] == "ok" and r["crop_matches"] is True
         assert np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 and (r["height"], r["width"]) == (64, 64)
@@ -308,8 +325,20 @@ def test_bucketed_random_crop_cache_rebuilds_the_same_sources(ray_session, kl_mo
     """Aspect buckets + seeded random crops: the audit re-runs the encoder's planner, so crops match."""
     make_shards(tmp_path / "in", shards=1, per_shard=6, sizes=[(80, 96), (96, 64), (64, 128)])
     out = tmp_path / "cache"
-    assert encode(input=tmp_path / "in" / "shard-00000.tar", output=out, model=kl_model, resolution=64,
-                  buckets=True, bucket_step=16, crop="random", flip="both", seed=3) == 0
+    assert (
+        encode(
+            input=tmp_path / "in" / "shard-00000.tar",
+            output=out,
+            model=kl_model,
+            resolution=64,
+            buckets=True,
+            bucket_step=16,
+            crop="random",
+            flip="both",
+            seed=3,
+        )
+        == 0
+    )
     assert len(Cache(str(out)).files) > 1, "several bucket shapes"
     rc, summary = audit_cli(out, "--input", str(tmp_path / "in" / "shard-00000.tar"), "--sample", "6")
     rows = pq.read_table(out / "__latentcache__" / "audit" / "metrics.parquet").to_pylist()
@@ -322,7 +351,9 @@ def test_bucketed_random_crop_cache_rebuilds_the_same_sources(ray_session, kl_mo
 
 def audit_metrics(cache: Path, **overrides) -> dict[str, float]:
     run_audit(AuditConfig(cache=str(cache), sample=3, **overrides))
-    return {r["key"]: r["psnr"] for r in pq.read_table(cache / "__latentcache__" / "audit" / "metrics.parquet").to_pylist()}
+    return {
+        r["key"]: r["psnr"] for r in pq.read_table(cache / "__latentcache__" / "audit" / "metrics.parquet").to_pylist()
+    }
 
 
 def test_ray_actors_and_exact_banded_decode_agree_with_the_driver(clean_cache, ray_session):
@@ -331,4 +362,7 @@ def test_ray_actors_and_exact_banded_decode_agree_with_the_driver(clean_cache, r
     exact = audit_metrics(clean_cache, decode_on="driver", decode_tiling="exact")
     assert driver == pytest.approx(actors, abs=1e-3)  # other thread counts may round a pixel differently
     assert list(driver) == list(exact) and driver == pytest.approx(exact, abs=0.05)
-    assert json.loads((clean_cache / "__latentcache__" / "audit" / "summary.json").read_text())["decode"]["tiling"] == "exact"
+    assert (
+        json.loads((clean_cache / "__latentcache__" / "audit" / "summary.json").read_text())["decode"]["tiling"]
+        == "exact"
+    )

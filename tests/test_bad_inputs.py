@@ -69,28 +69,62 @@ def build_cases(rng: np.random.Generator) -> dict[str, Case]:
 
     half_png = png_bytes(noise())
     add("corrupt", [("corrupt/x.png", b"\x89PNG\r\n\x1a\n" + rng.bytes(300))], {}, {"corrupt/x": "cannot decode"})
-    add("truncated_image", [("truncated_image/x.png", half_png[: len(half_png) // 2])], {},
-        {"truncated_image/x": "cannot decode"})
+    add(
+        "truncated_image",
+        [("truncated_image/x.png", half_png[: len(half_png) // 2])],
+        {},
+        {"truncated_image/x": "cannot decode"},
+    )
     add("zero_byte", [("zero_byte/x.jpg", b"")], {}, {"zero_byte/x": "0 bytes"})
-    add("not_image", [("not_image/x.jpg", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n")], {},
-        {"not_image/x": "cannot decode"})
+    add(
+        "not_image",
+        [("not_image/x.jpg", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj<<>>endobj\n")],
+        {},
+        {"not_image/x": "cannot decode"},
+    )
     add("caption_only", [("caption_only/x.txt", b"a caption, no image")], {}, {"caption_only/x": "no image member"})
     first, second, c1, c2 = noise(), noise(), noise(), noise()
-    add("dup_within", [("dup_within/a.png", png_bytes(first)), ("dup_within/a.txt", b"first a"),
-                       ("dup_within/b.png", png_bytes(noise())), ("dup_within/a.png", png_bytes(second)),
-                       ("dup_within/c.png", png_bytes(c1)), ("dup_within/c.png", png_bytes(c2))],
+    add(
+        "dup_within",
+        [
+            ("dup_within/a.png", png_bytes(first)),
+            ("dup_within/a.txt", b"first a"),
+            ("dup_within/b.png", png_bytes(noise())),
+            ("dup_within/a.png", png_bytes(second)),
+            ("dup_within/c.png", png_bytes(c1)),
+            ("dup_within/c.png", png_bytes(c2)),
+        ],
         {"dup_within/a": first, "dup_within/b": None, "dup_within/c": c1},
         {"dup_within/a": "duplicate key in shard", "dup_within/c": "duplicate key in shard"},
-        captions={"dup_within/a": "first a"})
+        captions={"dup_within/a": "first a"},
+    )
     kept, dropped = noise(), noise()
-    add("dup_across_a", [("shared/key.png", png_bytes(kept)), ("shared/key.txt", b"from a")],
-        {"shared/key": kept}, {}, captions={"shared/key": "from a"})
-    add("dup_across_b", [("shared/key.png", png_bytes(dropped)), ("shared/key.txt", b"from b")],
-        {}, {"shared/key": "duplicate key across shards"})
-    add("over_max_pixels", [("over_max_pixels/x.png", png_bytes(noise(200, 200)))], {},
-        {"over_max_pixels/x": "over the limit"})
-    add("small_upscaled", [("small_upscaled/x.png", png_bytes(noise(16, 20)))], {"small_upscaled/x": None}, {},
-        original_size={"small_upscaled/x": (16, 20)})
+    add(
+        "dup_across_a",
+        [("shared/key.png", png_bytes(kept)), ("shared/key.txt", b"from a")],
+        {"shared/key": kept},
+        {},
+        captions={"shared/key": "from a"},
+    )
+    add(
+        "dup_across_b",
+        [("shared/key.png", png_bytes(dropped)), ("shared/key.txt", b"from b")],
+        {},
+        {"shared/key": "duplicate key across shards"},
+    )
+    add(
+        "over_max_pixels",
+        [("over_max_pixels/x.png", png_bytes(noise(200, 200)))],
+        {},
+        {"over_max_pixels/x": "over the limit"},
+    )
+    add(
+        "small_upscaled",
+        [("small_upscaled/x.png", png_bytes(noise(16, 20)))],
+        {"small_upscaled/x": None},
+        {},
+        original_size={"small_upscaled/x": (16, 20)},
+    )
     gray = rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
     add("grayscale", [("grayscale/x.png", png_bytes(gray))], {"grayscale/x": np.stack([gray] * 3, -1)}, {})
     palette_colors = np.array([[10, 20, 30], [255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
@@ -103,22 +137,39 @@ def build_cases(rng: np.random.Generator) -> dict[str, Case]:
     add("cmyk", [("cmyk/x.jpg", cmyk)], {"cmyk/x": decoded(cmyk)}, {})
     rgb, alpha = noise(), np.where(rng.random((SIZE, SIZE)) < 0.5, 0, 255).astype(np.uint8)
     rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
-    add("rgba", [("rgba/x.png", encoded(rgba, "PNG"))], {"rgba/x": np.where(alpha[..., None] == 0, 255, rgb).astype(np.uint8)}, {})
+    add(
+        "rgba",
+        [("rgba/x.png", encoded(rgba, "PNG"))],
+        {"rgba/x": np.where(alpha[..., None] == 0, 255, rgb).astype(np.uint8)},
+        {},
+    )
     gray16 = rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
     png16 = encoded(Image.fromarray(gray16.astype(np.uint16) * 257), "PNG")
     add("sixteen_bit", [("sixteen_bit/x.png", png16)], {"sixteen_bit/x": np.stack([gray16] * 3, -1)}, {})
     square, wide = rotated_jpeg(noise()), rotated_jpeg(noise(32, 64))
-    add("exif_rotated", [("exif_rotated/square.jpg", square), ("exif_rotated/wide.jpg", wide)],
-        {"exif_rotated/square": np.rot90(np.asarray(Image.open(io.BytesIO(square)).convert("RGB")), -1),
-         "exif_rotated/wide": None}, {}, original_size={"exif_rotated/wide": (64, 32)})
+    add(
+        "exif_rotated",
+        [("exif_rotated/square.jpg", square), ("exif_rotated/wide.jpg", wide)],
+        {
+            "exif_rotated/square": np.rot90(np.asarray(Image.open(io.BytesIO(square)).convert("RGB")), -1),
+            "exif_rotated/wide": None,
+        },
+        {},
+        original_size={"exif_rotated/wide": (64, 32)},
+    )
     blocks = np.kron(rng.integers(0, 4, (8, 8)), np.ones((8, 8), dtype=np.int64))
     frames = [Image.fromarray(palette_colors[(blocks + shift) % 4]) for shift in (0, 1)]
     gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    add("animated_gif", [("animated_gif/x.gif", gif)],
-        {"animated_gif/x": decoded(gif)}, {})
+    add("animated_gif", [("animated_gif/x.gif", gif)], {"animated_gif/x": decoded(gif)}, {})
     webp_frames = [noise(), noise()]
-    webp = encoded(Image.fromarray(webp_frames[0]), "WEBP", save_all=True, lossless=True, duration=100,
-                   append_images=[Image.fromarray(webp_frames[1])])
+    webp = encoded(
+        Image.fromarray(webp_frames[0]),
+        "WEBP",
+        save_all=True,
+        lossless=True,
+        duration=100,
+        append_images=[Image.fromarray(webp_frames[1])],
+    )
     add("animated_webp", [("animated_webp/x.webp", webp)], {"animated_webp/x": webp_frames[0]}, {})
     unicode_keys = ["unicode/ünïcödé", "unicode/日本語/ключ", "unicode/emoji😀"]
     add("unicode", [(f"{k}.png", png_bytes(noise())) for k in unicode_keys], dict.fromkeys(unicode_keys), {})
@@ -145,8 +196,18 @@ def cache(ray_session, kl_model, matrix):
     root, _ = matrix
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     out = root / "out"
-    assert encode(input=root / "shards" / "*.tar", output=out, model=kl_model, resolution=SIZE, store_dtype="fp32",
-                  max_pixels=MAX_PIXELS, batch_size=8) == 0
+    assert (
+        encode(
+            input=root / "shards" / "*.tar",
+            output=out,
+            model=kl_model,
+            resolution=SIZE,
+            store_dtype="fp32",
+            max_pixels=MAX_PIXELS,
+            batch_size=8,
+        )
+        == 0
+    )
     created = sorted(p.relative_to(root) for p in root.rglob("*") if p.relative_to(root) not in before)
     return out, created
 
@@ -162,8 +223,11 @@ def expected_latents(kl_model, matrix):
 
 
 def shard_rows(out: Path, shard: Path) -> tuple[list[dict], list[dict]]:
-    rows = [r for r in read_cache(out).select(["key", "shard", "caption", "original_height", "original_width"]).to_pylist()
-            if r["shard"] == str(shard)]
+    rows = [
+        r
+        for r in read_cache(out).select(["key", "shard", "caption", "original_height", "original_width"]).to_pylist()
+        if r["shard"] == str(shard)
+    ]
     errs = [r for r in errors(out).to_pylist() if r["shard"] == str(shard)]
     return rows, errs
 
@@ -184,11 +248,32 @@ def case_input(case: Case) -> list:
     return [None] * (len(case.written) + len(case.failed))
 
 
-@pytest.mark.parametrize("name", [
-    "corrupt", "truncated_image", "zero_byte", "not_image", "empty_shard", "caption_only",
-    "dup_within", "dup_across_a", "dup_across_b", "over_max_pixels", "small_upscaled", "grayscale", "palette",
-    "cmyk", "rgba", "sixteen_bit", "exif_rotated", "animated_gif", "animated_webp", "unicode", "traversal ..ü #1",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "corrupt",
+        "truncated_image",
+        "zero_byte",
+        "not_image",
+        "empty_shard",
+        "caption_only",
+        "dup_within",
+        "dup_across_a",
+        "dup_across_b",
+        "over_max_pixels",
+        "small_upscaled",
+        "grayscale",
+        "palette",
+        "cmyk",
+        "rgba",
+        "sixteen_bit",
+        "exif_rotated",
+        "animated_gif",
+        "animated_webp",
+        "unicode",
+        "traversal ..ü #1",
+    ],
+)
 def test_case_is_encoded_or_recorded_with_a_reason(name, cache, matrix, expected_latents):
     out, _ = cache
     root, cases = matrix
@@ -234,8 +319,10 @@ def test_nothing_is_written_outside_the_output_prefix(cache, matrix):
 def test_min_size_rejects_small_images(ray_session, kl_model, matrix, tmp_path):
     root, cases = matrix
     out = tmp_path / "minsize"
-    assert encode(input=root / "shards" / "small_upscaled.tar", output=out, model=kl_model, resolution=SIZE,
-                  min_size=32) == 0
+    assert (
+        encode(input=root / "shards" / "small_upscaled.tar", output=out, model=kl_model, resolution=SIZE, min_size=32)
+        == 0
+    )
     errs = {e["key"]: e["reason"] for e in errors(out).to_pylist()}
     assert set(errs) == {"small_upscaled/x"} and "smaller than --min-size 32" in errs["small_upscaled/x"]
     assert read_cache(out).column("key").to_pylist() == ["small_upscaled/good"]
@@ -248,8 +335,18 @@ def test_rerun_of_a_complete_cache_changes_nothing(cache, matrix, kl_model):
     root = matrix[0]
     files = {p: p.stat().st_mtime_ns for p in out.glob("data/**/*.parquet")}
     before = manifest(out)
-    assert encode(input=root / "shards" / "*.tar", output=out, model=kl_model, resolution=SIZE, store_dtype="fp32",
-                  max_pixels=MAX_PIXELS, batch_size=8) == 0
+    assert (
+        encode(
+            input=root / "shards" / "*.tar",
+            output=out,
+            model=kl_model,
+            resolution=SIZE,
+            store_dtype="fp32",
+            max_pixels=MAX_PIXELS,
+            batch_size=8,
+        )
+        == 0
+    )
     after = manifest(out)
     assert after["counts"] == before["counts"] and after["shards"] == before["shards"]
     assert {p: p.stat().st_mtime_ns for p in files} == files  # resumed: nothing re-encoded or rewritten

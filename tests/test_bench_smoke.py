@@ -9,9 +9,33 @@ from bench import run as bench
 
 def test_bench_harness_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--workload", "standin", "--images", "4", "8", "--repeats", "1", "--resolution", "32",
-                       "--image-size", "64", "80", "--batch-size", "4", "--decode-cpus", "1",
-                       "--workdir", str(tmp_path / "w"), "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--workload",
+                "standin",
+                "--images",
+                "4",
+                "8",
+                "--repeats",
+                "1",
+                "--resolution",
+                "32",
+                "--image-size",
+                "64",
+                "80",
+                "--batch-size",
+                "4",
+                "--decode-cpus",
+                "1",
+                "--workdir",
+                str(tmp_path / "w"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     (workload,) = report["workloads"]
     assert set(workload["whole_seconds"]) == {"naive", "e2e"}

@@ -36,9 +36,21 @@ SPEC = PreprocessSpec(resolution=64)
 GENERATED = [(128, 32), (112, 32), (96, 32), (80, 48), (64, 64), (48, 80), (32, 96), (32, 112), (32, 128)]
 BUCKET_FLAGS = dict(resolution=64, buckets=True, bucket_step=16, bucket_min=32, bucket_max=128)
 # image (height, width) -> the bucket it must land in
-EXPECTED = {(64, 64): (64, 64), (100, 100): (64, 64), (70, 80): (64, 64), (60, 100): (48, 80), (48, 96): (48, 80),
-            (100, 60): (80, 48), (40, 120): (32, 96), (30, 100): (32, 112), (30, 120): (32, 128),
-            (20, 200): (32, 128), (120, 40): (96, 32), (200, 20): (128, 32), (90, 30): (96, 32)}
+EXPECTED = {
+    (64, 64): (64, 64),
+    (100, 100): (64, 64),
+    (70, 80): (64, 64),
+    (60, 100): (48, 80),
+    (48, 96): (48, 80),
+    (100, 60): (80, 48),
+    (40, 120): (32, 96),
+    (30, 100): (32, 112),
+    (30, 120): (32, 128),
+    (20, 200): (32, 128),
+    (120, 40): (96, 32),
+    (200, 20): (128, 32),
+    (90, 30): (96, 32),
+}
 
 
 # ---- the bucket set and the nearest bucket ----------------------------------------------------
@@ -129,12 +141,19 @@ def test_crop_coords_mean_offsets_in_the_resized_image(varied_images):
         img = Image.open(io.BytesIO(data)).convert("RGB")
         assert (meta.original_height, meta.original_width) == (img.height, img.width)
         scale = max(meta.bucket_height / img.height, meta.bucket_width / img.width)
-        new_w, new_h = max(meta.bucket_width, round(img.width * scale)), max(meta.bucket_height, round(img.height * scale))
+        new_w, new_h = (
+            max(meta.bucket_width, round(img.width * scale)),
+            max(meta.bucket_height, round(img.height * scale)),
+        )
         resized = np.asarray(img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None))
-        crop = resized[meta.crop_top:meta.crop_top + meta.bucket_height, meta.crop_left:meta.crop_left + meta.bucket_width]
+        crop = resized[
+            meta.crop_top : meta.crop_top + meta.bucket_height, meta.crop_left : meta.crop_left + meta.bucket_width
+        ]
         np.testing.assert_array_equal(pixels.transpose(1, 2, 0), crop)
-        flipped_crop = resized[:, ::-1][meta.crop_top:meta.crop_top + meta.bucket_height,
-                                        meta.crop_left_flipped:meta.crop_left_flipped + meta.bucket_width]
+        flipped_crop = resized[:, ::-1][
+            meta.crop_top : meta.crop_top + meta.bucket_height,
+            meta.crop_left_flipped : meta.crop_left_flipped + meta.bucket_width,
+        ]
         np.testing.assert_array_equal(pixels[:, :, ::-1].transpose(1, 2, 0), flipped_crop)
 
 
@@ -142,7 +161,7 @@ def test_random_crops_are_per_key_and_independent_of_batching(varied_images):
     planner = BucketPlanner(buckets=tuple(GENERATED), crop="random", seed=5)
     whole = preprocess_bucketed(raw_table(varied_images), SPEC, planner)
     items = list(varied_images.items())
-    parts = [preprocess_bucketed(raw_table(dict(items[i:i + 3])), SPEC, planner) for i in range(0, len(items), 3)]
+    parts = [preprocess_bucketed(raw_table(dict(items[i : i + 3])), SPEC, planner) for i in range(0, len(items), 3)]
     cols = ("key", "crop_top", "crop_left", "bucket_height", "bucket_width", "pixels")
 
     def by_key(table):
@@ -150,11 +169,21 @@ def test_random_crops_are_per_key_and_independent_of_batching(varied_images):
 
     assert by_key(whole) == {k: v for p in parts for k, v in by_key(p).items()}
     center = by_key(preprocess_bucketed(raw_table(varied_images), SPEC, BucketPlanner(buckets=tuple(GENERATED))))
-    moved = [k for k, r in by_key(whole).items() if (r["crop_top"], r["crop_left"]) != (center[k]["crop_top"], center[k]["crop_left"])]
+    moved = [
+        k
+        for k, r in by_key(whole).items()
+        if (r["crop_top"], r["crop_left"]) != (center[k]["crop_top"], center[k]["crop_left"])
+    ]
     assert len(moved) >= 3  # random crops really move (where the resized image has room)
-    other_seed = by_key(preprocess_bucketed(raw_table(varied_images), SPEC, BucketPlanner(buckets=tuple(GENERATED), crop="random", seed=6)))
-    assert any(other_seed[k]["crop_left"] != r["crop_left"] or other_seed[k]["crop_top"] != r["crop_top"]
-               for k, r in by_key(whole).items())
+    other_seed = by_key(
+        preprocess_bucketed(
+            raw_table(varied_images), SPEC, BucketPlanner(buckets=tuple(GENERATED), crop="random", seed=6)
+        )
+    )
+    assert any(
+        other_seed[k]["crop_left"] != r["crop_left"] or other_seed[k]["crop_top"] != r["crop_top"]
+        for k, r in by_key(whole).items()
+    )
     assert crop_rng(5, "a").integers(1 << 30) == crop_rng(5, "a").integers(1 << 30)
 
 
@@ -170,8 +199,11 @@ def test_group_by_shape_never_mixes_shapes_and_keeps_every_good_row(varied_image
         assert len({(heights[i], widths[i]) for i in rows}) == 1
     assert len({(heights[g[0]], widths[g[0]]) for g in groups}) == len(groups)  # one group per shape
     flat = sorted(i for g in groups for i in g)
-    good = [i for i, (k, e) in enumerate(zip(table.column("key").to_pylist(), table.column("error").to_pylist()))
-            if k is not None and e is None]
+    good = [
+        i
+        for i, (k, e) in enumerate(zip(table.column("key").to_pylist(), table.column("error").to_pylist()))
+        if k is not None and e is None
+    ]
     assert flat == good and len(good) == len(varied_images)
 
 
@@ -188,13 +220,16 @@ def test_sort_by_shape_keeps_shapes_contiguous_and_markers_last(varied_images):
 def test_encoder_runs_one_forward_per_shape_with_flips_in_the_same_pass(kl_model, varied_images):
     planner = BucketPlanner(buckets=tuple(GENERATED), crop="random", seed=1)
     table = preprocess_bucketed(raw_table(varied_images), SPEC, planner)
-    encoder = LatentEncoder(model=ModelSpec(model=str(kl_model)),
-                            spec=EncodeSpec(flip="both", posterior="sample", seed=4, store_dtype="fp32"))
+    encoder = LatentEncoder(
+        model=ModelSpec(model=str(kl_model)),
+        spec=EncodeSpec(flip="both", posterior="sample", seed=4, store_dtype="fp32"),
+    )
     calls: list[tuple[int, ...]] = []
     encoder.vae.encoder.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
     out = encoder(table)
-    shapes = collections.Counter((h, w) for h, w in zip(table.column("height").to_pylist(), table.column("width").to_pylist())
-                                 if h is not None)
+    shapes = collections.Counter(
+        (h, w) for h, w in zip(table.column("height").to_pylist(), table.column("width").to_pylist()) if h is not None
+    )
     assert sorted(calls) == sorted((2 * n, 3, h, w) for (h, w), n in shapes.items())  # image + its mirror, one call
     # the flipped crop's sample uses its own per-key noise (key + "#flip"), as deterministic as the key's
     vae = AutoencoderKL.from_pretrained(kl_model).eval()
@@ -230,8 +265,20 @@ def varied_shards(tmp_path_factory, varied_images) -> tuple[str, dict[str, bytes
 @pytest.fixture(scope="module")
 def bucket_cache(ray_session, kl_model, varied_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bucketed") / "out"
-    assert encode(input=varied_shards[0], output=out, model=kl_model, crop="random", flip="both", seed=5,
-                  store_dtype="fp32", batch_size=3, **BUCKET_FLAGS) == 0
+    assert (
+        encode(
+            input=varied_shards[0],
+            output=out,
+            model=kl_model,
+            crop="random",
+            flip="both",
+            seed=5,
+            store_dtype="fp32",
+            batch_size=3,
+            **BUCKET_FLAGS,
+        )
+        == 0
+    )
     return out
 
 
@@ -292,16 +339,34 @@ def test_sdxl_time_ids_as_docs_build_them(bucket_cache):
         block = cache.read(file)
         m = {k: torch.tensor(v) for k, v in block.meta.items() if k not in ("key", "shard", "caption")}
         flip = torch.arange(len(block.keys)) % 2 == 1
-        latents = torch.where(flip[:, None, None, None], torch.tensor(block.tensors["latent_flipped"]),
-                              torch.tensor(block.tensors["latent"]))
+        latents = torch.where(
+            flip[:, None, None, None],
+            torch.tensor(block.tensors["latent_flipped"]),
+            torch.tensor(block.tensors["latent"]),
+        )
         crop_left = torch.where(flip, m["crop_left_flipped"], m["crop_left"])
-        time_ids = torch.stack([m["original_height"], m["original_width"], m["crop_top"], crop_left,
-                                m["bucket_height"], m["bucket_width"]], dim=1).float()
+        time_ids = torch.stack(
+            [
+                m["original_height"],
+                m["original_width"],
+                m["crop_top"],
+                crop_left,
+                m["bucket_height"],
+                m["bucket_width"],
+            ],
+            dim=1,
+        ).float()
         for i, key in enumerate(block.keys):
             row = rows[key]
             expected_left = row["crop_left_flipped"] if flip[i] else row["crop_left"]
-            assert time_ids[i].tolist() == [row["original_height"], row["original_width"], row["crop_top"], expected_left,
-                                            row["bucket_height"], row["bucket_width"]]
+            assert time_ids[i].tolist() == [
+                row["original_height"],
+                row["original_width"],
+                row["crop_top"],
+                expected_left,
+                row["bucket_height"],
+                row["bucket_width"],
+            ]
             np.testing.assert_array_equal(latents[i].numpy(), row["latent_flipped" if flip[i] else "latent"])
 
 
@@ -313,15 +378,29 @@ def test_stats_merge_across_buckets(bucket_cache):
     np.testing.assert_allclose(stats["channel_std"], raw.std(axis=1), rtol=1e-9)
 
 
-def test_reruns_and_batch_sizes_agree_and_nested_layout_loads_per_bucket(bucket_cache, ray_session, kl_model,
-                                                                          varied_shards, tmp_path):
+def test_reruns_and_batch_sizes_agree_and_nested_layout_loads_per_bucket(
+    bucket_cache, ray_session, kl_model, varied_shards, tmp_path
+):
     import datasets
 
     from latentcache.reader import Cache
 
     out = tmp_path / "nested"
-    assert encode(input=varied_shards[0], output=out, model=kl_model, crop="random", flip="both", seed=5,
-                  store_dtype="fp32", batch_size=7, tensor_layout="nested", **BUCKET_FLAGS) == 0
+    assert (
+        encode(
+            input=varied_shards[0],
+            output=out,
+            model=kl_model,
+            crop="random",
+            flip="both",
+            seed=5,
+            store_dtype="fp32",
+            batch_size=7,
+            tensor_layout="nested",
+            **BUCKET_FLAGS,
+        )
+        == 0
+    )
     first, second = cache_rows(bucket_cache), cache_rows(out)
     assert first.keys() == second.keys()
     for key in first:
@@ -332,8 +411,10 @@ def test_reruns_and_batch_sizes_agree_and_nested_layout_loads_per_bucket(bucket_
     by_bucket: dict[str, list[str]] = {}
     for file in Cache(str(out)).files:
         by_bucket.setdefault(Path(file.path).name.split("-")[1], []).append(str(out / file.path))
-    splits = {bucket: datasets.load_dataset("parquet", data_files=paths, split="train").with_format("torch")
-              for bucket, paths in by_bucket.items()}
+    splits = {
+        bucket: datasets.load_dataset("parquet", data_files=paths, split="train").with_format("torch")
+        for bucket, paths in by_bucket.items()
+    }
     assert sorted(splits) == sorted(f"{h}x{w}" for h, w in set(EXPECTED.values()))
     assert sum(len(split) for split in splits.values()) == len(second)
     for bucket, split in splits.items():
@@ -351,8 +432,10 @@ def test_yaml_bucket_list_no_upscale_and_safetensors_stack_per_bucket(ray_sessio
 
     config = tmp_path / "run.yaml"
     out = tmp_path / "st"
-    config.write_text(f"input: '{varied_shards[0]}'\noutput: {out}\nmodel: {kl_model}\nformat: safetensors\n"
-                      "buckets: [[64, 64], [48, 80], [80, 48], [32, 128], [128, 32]]\nbucket-no-upscale: true\n")
+    config.write_text(
+        f"input: '{varied_shards[0]}'\noutput: {out}\nmodel: {kl_model}\nformat: safetensors\n"
+        "buckets: [[64, 64], [48, 80], [80, 48], [32, 128], [128, 32]]\nbucket-no-upscale: true\n"
+    )
     assert main(["encode", "--quiet", "--config", str(config)]) == 0
     cache = Cache(str(out))
     listed = tuple(tuple(b) for b in manifest(out)["preprocess"]["buckets"])
@@ -364,8 +447,12 @@ def test_yaml_bucket_list_no_upscale_and_safetensors_stack_per_bucket(ray_sessio
         heights, widths = set(block.meta["bucket_height"]), set(block.meta["bucket_width"])
         assert len(heights) == len(widths) == 1 and file.path.endswith(".safetensors")
         assert Path(file.path).name.startswith(f"part-{heights.pop()}x{widths.pop()}-")
-        for h, w, bh, bw in zip(block.meta["original_height"], block.meta["original_width"],
-                                block.meta["bucket_height"], block.meta["bucket_width"]):
+        for h, w, bh, bw in zip(
+            block.meta["original_height"],
+            block.meta["original_width"],
+            block.meta["bucket_height"],
+            block.meta["bucket_width"],
+        ):
             assert (bh, bw) == same_ratio_fit(nearest_bucket(h, w, listed), h, w)
             shrunk += (bh, bw) != nearest_bucket(h, w, listed)
             seen += 1
@@ -374,26 +461,42 @@ def test_yaml_bucket_list_no_upscale_and_safetensors_stack_per_bucket(ray_sessio
 
 def test_bucket_settings_are_part_of_the_cache_identity(bucket_cache, kl_model, varied_shards, capsys):
     flags = {**BUCKET_FLAGS, "bucket_step": 32}
-    assert encode(input=varied_shards[0], output=bucket_cache, model=kl_model, crop="random", flip="both", seed=5,
-                  store_dtype="fp32", **flags) == 2
+    assert (
+        encode(
+            input=varied_shards[0],
+            output=bucket_cache,
+            model=kl_model,
+            crop="random",
+            flip="both",
+            seed=5,
+            store_dtype="fp32",
+            **flags,
+        )
+        == 2
+    )
     assert "different preprocess" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(buckets=True, bucket_area="64by64"), "--bucket-area must look like"),
-    (dict(buckets=True, bucket_step=12), "--bucket-step must be a positive multiple of 8"),
-    (dict(buckets=True, bucket_min=256, bucket_max=128), "larger than --bucket-max"),
-    (dict(buckets=True, bucket_min=40, bucket_step=16), "--bucket-min must be a positive multiple"),
-    (dict(bucket_area="64x64"), "--bucket-area needs --buckets"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(buckets=True, bucket_area="64by64"), "--bucket-area must look like"),
+        (dict(buckets=True, bucket_step=12), "--bucket-step must be a positive multiple of 8"),
+        (dict(buckets=True, bucket_min=256, bucket_max=128), "larger than --bucket-max"),
+        (dict(buckets=True, bucket_min=40, bucket_step=16), "--bucket-min must be a positive multiple"),
+        (dict(bucket_area="64x64"), "--bucket-area needs --buckets"),
+    ],
+)
 def test_bad_bucket_flags_are_one_line_errors(flags, message, capsys, tmp_path, kl_model):
     assert encode(input=tmp_path / "x.tar", output=tmp_path / "o", model=kl_model, **flags) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
 
 
-@pytest.mark.parametrize("value, message", [("[[64, 60]]", "multiples of 8"), ("[]", "empty"), ("[[64]]", "[height, width]"),
-                                            ("yes please", "expected bool")])
+@pytest.mark.parametrize(
+    "value, message",
+    [("[[64, 60]]", "multiples of 8"), ("[]", "empty"), ("[[64]]", "[height, width]"), ("yes please", "expected bool")],
+)
 def test_bad_yaml_bucket_lists_are_one_line_errors(value, message, capsys, tmp_path):
     from latentcache.cli import main
 

@@ -26,7 +26,9 @@ def make_part(store: str, layout: str = "nested", n: int = 5) -> tuple[PartData,
     x = np.random.default_rng(0).normal(size=(n, 4, 3, 5)).astype(np.float32)
     codes, params = CODECS[store].encode(x)
     rows = [{"key": f"k{i}", "shard": "s0", "caption": f"c{i}", "original_height": 64} for i in range(n)]
-    return PartData({"latent": codes}, {f"latent.{k}": v for k, v in params.items()}, meta_table(rows), store, layout), x
+    return PartData(
+        {"latent": codes}, {f"latent.{k}": v for k, v in params.items()}, meta_table(rows), store, layout
+    ), x
 
 
 @pytest.mark.parametrize("store", sorted(n for n in CODECS if not CODECS[n].params))  # 8-bit: test_quantized_codecs
@@ -69,8 +71,17 @@ def test_bf16_safetensors_cross_shard_duplicates_keep_stats(ray_session, kl_mode
     shutil.copy(shards[0], inputs / "shard-00001.tar")  # every key again, in a later shard
     shutil.copy(shards[1], inputs / "shard-00002.tar")
     out = tmp_path / "out"
-    assert encode(input=inputs / "shard-{00000..00002}.tar", output=out, model=kl_model, resolution=64,
-                  format="safetensors", store_dtype="bf16") == 0
+    assert (
+        encode(
+            input=inputs / "shard-{00000..00002}.tar",
+            output=out,
+            model=kl_model,
+            resolution=64,
+            format="safetensors",
+            store_dtype="bf16",
+        )
+        == 0
+    )
     m = manifest(out)
     assert m["counts"] == {"input": 18, "written": 12, "failed": 6, "fp32_fallback": 0} and m["duplicates"] == 6
     cache = Cache(str(out))

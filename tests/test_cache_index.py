@@ -133,8 +133,9 @@ def test_only_partitions_that_received_keys_are_rewritten(tmp_path, on_ray):
     after = index_files(tmp_path / "index")
     changed = {name for name in after if before.get(name) != after[name]}
     partition = int(blake2b_64(["new-key"])[0] % 16)
-    assert {n for n in changed if n.startswith("partitions/")} == {n for n in after if n.startswith(
-        f"partitions/p{partition:05d}-")}
+    assert {n for n in changed if n.startswith("partitions/")} == {
+        n for n in after if n.startswith(f"partitions/p{partition:05d}-")
+    }
     assert len(after) == len(before)  # the superseded version and the old parts table are gone
 
 
@@ -169,13 +170,16 @@ def test_a_killed_check_leaves_the_old_index_whole(tmp_path, on_ray):
 def test_random_arrivals_match_brute_force(tmp_path, on_ray):
     rng = random.Random(14)
     corpus = Corpus(tmp_path / "parts")
-    parts = [corpus.part(f"s{s:03d}", str(p), [f"k{rng.randrange(150)}" for _ in range(rng.randrange(0, 12))])
-             for s in range(40) for p in range(rng.randrange(1, 3))]
+    parts = [
+        corpus.part(f"s{s:03d}", str(p), [f"k{rng.randrange(150)}" for _ in range(rng.randrange(0, 12))])
+        for s in range(40)
+        for p in range(rng.randrange(1, 3))
+    ]
     rng.shuffle(parts)
     seen: list[PartRef] = []
     for start in range(0, len(parts), 9):
-        seen += parts[start:start + 9]
-        found = check(tmp_path, parts[start:start + 9], partitions=8, use_ray=on_ray, map_tasks=3)
+        seen += parts[start : start + 9]
+        found = check(tmp_path, parts[start : start + 9], partitions=8, use_ray=on_ray, map_tasks=3)
         assert found == expected(seen)
 
 
@@ -185,7 +189,12 @@ def test_map_and_reduce_are_plain_functions(tmp_path):
     table, counts = map_parts([(0, ref.path)], read_keys, blake2b_64, 2)
     assert counts.sum() == table.num_rows == 3
     x_partition = int(blake2b_64(["x"])[0] % 2)
-    spec = {"url": str(tmp_path / "index"), "storage_options": {}, "partition": x_partition, "current": None,
-            "slices": partition_slices([counts], x_partition)}
+    spec = {
+        "url": str(tmp_path / "index"),
+        "storage_options": {},
+        "partition": x_partition,
+        "current": None,
+        "slices": partition_slices([counts], x_partition),
+    }
     result = reduce_partition(spec, np.array([0]), table)
     assert result.drops == [(0, "x", 0)] and result.version.startswith(f"partitions/p{x_partition:05d}-")

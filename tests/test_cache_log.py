@@ -36,8 +36,10 @@ def test_later_records_win_across_checkpoints_and_resume(tmp_path):
         log.append([record(f"s{i % 5}", rows=i), record(f"t{i}", rows=1)])
         if i == 6:
             log.checkpoint()
-    expected = {**{f"s{i % 5}": record(f"s{i % 5}", rows=i) for i in range(12)},
-                **{f"t{i}": record(f"t{i}", rows=1) for i in range(12)}}
+    expected = {
+        **{f"s{i % 5}": record(f"s{i % 5}", rows=i) for i in range(12)},
+        **{f"t{i}": record(f"t{i}", rows=1) for i in range(12)},
+    }
     assert log.state() == expected
     assert CommitLog(url=str(tmp_path / "log"), storage_options={}).state() == expected
     log.checkpoint()
@@ -60,8 +62,9 @@ def test_checkpoint_is_one_row_per_shard_a_user_can_read(tmp_path):
 
 def test_a_schema_shapes_the_checkpoint_and_refuses_unknown_fields(tmp_path):
     file_type = pa.struct([("path", pa.string()), ("rows", pa.int64()), ("latent_shape", pa.list_(pa.int64()))])
-    schema = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("files", pa.list_(file_type)),
-                        ("error", pa.string())])
+    schema = pa.schema(
+        [("shard", pa.string()), ("rows", pa.int64()), ("files", pa.list_(file_type)), ("error", pa.string())]
+    )
     log = CommitLog(url=str(tmp_path / "log"), storage_options={}, schema=schema)
     log.append([{"shard": "a", "rows": 2, "files": [{"path": "p", "rows": 2, "latent_shape": [4, 2, 2]}]}])
     before = log.state()
@@ -104,8 +107,9 @@ def test_nothing_new_writes_nothing_and_strays_are_ignored_then_removed(tmp_path
     assert log.checkpoint() == first and files_under(root) == listing
     # What kills leave: a checkpoint no pointer names, a compacted entry, a half-written local file.
     (root / "checkpoints" / "00000000000000000099-deadbeef.parquet").write_bytes(b"half")
-    (root / "log" / "00000000000000000001.json").write_text(json.dumps(
-        {"seq": 1, "kind": "commit", "records": [record("s0", 77)]}))
+    (root / "log" / "00000000000000000001.json").write_text(
+        json.dumps({"seq": 1, "kind": "commit", "records": [record("s0", 77)]})
+    )
     (root / "log" / ".tmp-abc-00000000000000000005.json").write_text("{")
     resumed = CommitLog(url=str(root), storage_options={})
     assert resumed.state() == log.state()
@@ -151,8 +155,14 @@ def test_a_sigkill_at_any_write_loses_only_the_unfinished_append(tmp_path, kill_
     """Writes: begin, then (append, append, checkpoint file, pointer) x3, end, checkpoint, pointer;
     kill_at 17: no kill."""
     url = str(tmp_path / "log")
-    child = subprocess.run([sys.executable, "-c", KILL_SCRIPT, url, str(kill_at)], capture_output=True, text=True, check=False,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, url, str(kill_at)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     done = [int(line) for line in child.stdout.split()]
     assert child.returncode == (-signal.SIGKILL if kill_at <= 16 else 0), child.stderr
     expected = {f"s{i % 4}": {"shard": f"s{i % 4}", "rows": i, "files": [{"path": f"p{i}"}]} for i in done}

@@ -7,9 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from latentcache.samples import write_tar
-
 from latentcache.cache.reader import Cache
+from latentcache.samples import write_tar
 
 from .helpers import encode, latents, manifest, png_bytes, read_cache
 
@@ -70,7 +69,9 @@ def test_ray_read_parquet_gives_bchw_on_a_one_shape_tensor_cache(ray_session, kl
     import ray.data
 
     out = tmp_path / "fst"
-    assert encode(input=varied_shard, output=out, model=kl_model, resolution=64, tensor_layout="fixed_shape_tensor") == 0
+    assert (
+        encode(input=varied_shard, output=out, model=kl_model, resolution=64, tensor_layout="fixed_shape_tensor") == 0
+    )
     batch = ray.data.read_parquet(str(out)).take_batch(6, batch_format="numpy")
     assert batch["latent"].shape == (6, 4, 8, 8) and batch["latent"].dtype == np.float16
     expected = dict(zip(read_cache(out).column("key").to_pylist(), latents(read_cache(out))))

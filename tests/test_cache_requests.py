@@ -28,12 +28,20 @@ def test_requests_per_shard_and_write_amplification(ray_session, s3, s3_server, 
     for path in make_shards(tmp_path / "in", shards=SHARDS, per_shard=1, size=(32, 32)):
         client.upload_file(str(path), bucket, f"in/{path.name}")
     with FaultProxy(s3_server, rate=0.0) as proxy:
-        flags = dict(input=f"s3://{bucket}/in/shard-{{00000..{SHARDS - 1:05d}}}.tar", output=f"s3://{bucket}/cache",
-                     model=kl_model, resolution=32, batch_size=16, storage_options={**options, "endpoint_url": proxy.endpoint})
+        flags = dict(
+            input=f"s3://{bucket}/in/shard-{{00000..{SHARDS - 1:05d}}}.tar",
+            output=f"s3://{bucket}/cache",
+            model=kl_model,
+            resolution=32,
+            batch_size=16,
+            storage_options={**options, "endpoint_url": proxy.endpoint},
+        )
         assert encode(**flags) == 0
         first, uploaded = proxy.stats["requests"], dict(proxy.put_bytes)
-        kinds = Counter(f"{m} {'/'.join(p.split('/')[2:5]) if '/cache/' in p else p.split('/')[2] if '/in/' in p else p}"
-                        for m, p in proxy.requests)
+        kinds = Counter(
+            f"{m} {'/'.join(p.split('/')[2:5]) if '/cache/' in p else p.split('/')[2] if '/in/' in p else p}"
+            for m, p in proxy.requests
+        )
         assert encode(**flags) == 0
         rerun = proxy.stats["requests"] - first
     stored = object_sizes(bucket, s3_server, "cache/")
@@ -42,12 +50,16 @@ def test_requests_per_shard_and_write_amplification(ray_session, s3, s3_server, 
     written_data = sum(v for k, v in uploaded.items() if "/cache/data/" in k)
     amplification = written_data / sum(data.values())
     overall = sum(v for k, v in uploaded.items() if "/cache/" in k) / sum(data.values())
-    print(f"requests: first run {first} ({first / SHARDS:.2f} per shard), no-op rerun {rerun}; bytes written per "
-          f"committed data byte {amplification:.3f} (data), {overall:.3f} (everything, metadata included)")
+    print(
+        f"requests: first run {first} ({first / SHARDS:.2f} per shard), no-op rerun {rerun}; bytes written per "
+        f"committed data byte {amplification:.3f} (data), {overall:.3f} (everything, metadata included)"
+    )
     with capsys.disabled():
         print({k: v for k, v in kinds.items() if v > 3})
-        print(f"\n[cache-requests] first={first} per_shard={first / SHARDS:.2f} rerun={rerun} "
-              f"amplification={amplification:.3f} overall={overall:.3f}")
+        print(
+            f"\n[cache-requests] first={first} per_shard={first / SHARDS:.2f} rerun={rerun} "
+            f"amplification={amplification:.3f} overall={overall:.3f}"
+        )
     assert first <= 6 * SHARDS, f"{first / SHARDS:.2f} requests per shard"
     assert rerun <= 40, f"{rerun} requests for a rerun with nothing to do"
     assert amplification <= 1.25

@@ -26,7 +26,9 @@ def encode_help() -> str:
 
 def test_encode_help_is_grouped_and_shows_every_default():
     text = encode_help()
-    titles = [HELP_GROUPS[g] for g in ("input", "model", "preprocessing", "latents", "output", "performance", "cluster")]
+    titles = [
+        HELP_GROUPS[g] for g in ("input", "model", "preprocessing", "latents", "output", "performance", "cluster")
+    ]
     positions = [text.index(f"\n{t}:\n") for t in titles]
     assert positions == sorted(positions)
     entries = re.split(r"\n  (?=--)", text.split("\ninput: ")[1])[1:]  # one entry per flag, help text included
@@ -38,12 +40,15 @@ def test_encode_help_is_grouped_and_shows_every_default():
     assert re.search(r"--seed SEED .*?\(default: 0\)", flat)
 
 
-@pytest.mark.parametrize("body, phrases", [
-    ("resolution: 64\nbatch_size: [1\n", ["line 2", "not valid YAML"]),
-    ("resolution: 64\nresolutoin: 128\n", ["line 2", "unknown option 'resolutoin'", "did you mean 'resolution'?"]),
-    ("model_clas: kl\n", ["line 1", "did you mean 'model-class'?"]),
-    ("batch_size: 8\nresolution: big\n", ["line 2", "--resolution: expected int"]),
-])
+@pytest.mark.parametrize(
+    "body, phrases",
+    [
+        ("resolution: 64\nbatch_size: [1\n", ["line 2", "not valid YAML"]),
+        ("resolution: 64\nresolutoin: 128\n", ["line 2", "unknown option 'resolutoin'", "did you mean 'resolution'?"]),
+        ("model_clas: kl\n", ["line 1", "did you mean 'model-class'?"]),
+        ("batch_size: 8\nresolution: big\n", ["line 2", "--resolution: expected int"]),
+    ],
+)
 def test_yaml_errors_name_the_file_the_line_and_the_closest_key(body, phrases, tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(body)
@@ -55,13 +60,16 @@ def test_yaml_errors_name_the_file_the_line_and_the_closest_key(body, phrases, t
 
 
 def test_missing_input_is_one_line_and_exit_2(tmp_path, capsys):
-    assert main(["encode", "--input", str(tmp_path / "none-*.tar"), "--output", str(tmp_path / "o"), "--model", "m"]) == 2
+    assert (
+        main(["encode", "--input", str(tmp_path / "none-*.tar"), "--output", str(tmp_path / "o"), "--model", "m"]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("latentcache: error:") and "no input files match" in err and err.count("\n") == 1
 
 
 def test_a_bug_keeps_its_traceback():
     """Only UserError (and a missing or forbidden file) is one line: any other exception propagates."""
+
     def broken(args):
         raise ValueError("a bug, not a user error")
 
@@ -70,8 +78,12 @@ def test_a_bug_keeps_its_traceback():
 
 
 def test_describe_masks_secret_storage_option_values():
-    options = {"key": "AKIA-visible-id", "secret": "s3cr3t-value", "client_kwargs": {"session_token": "tok-123"},
-               "endpoint_url": "http://127.0.0.1:9000"}
+    options = {
+        "key": "AKIA-visible-id",
+        "secret": "s3cr3t-value",
+        "client_kwargs": {"session_token": "tok-123"},
+        "endpoint_url": "http://127.0.0.1:9000",
+    }
     text = describe(PermissionError(f"denied for s3cr3t-value with tok-123 at {options['endpoint_url']}"), options)
     assert "s3cr3t-value" not in text and "tok-123" not in text and "http://127.0.0.1:9000" in text
 
@@ -83,15 +95,29 @@ def summary(**kw):
 
 def test_run_line_reports_throughput_only_over_what_was_encoded():
     assert this_run(summary()) == "this run: 4 shards read, 40 images in 2.0s, 20.0 images/s"
-    assert this_run(summary(skipped_shards=4, encoded_input=0)) == \
-        "this run: nothing to encode (4 shards already committed, skipped), 2.0s"
-    assert this_run(summary(skipped_shards=3, encoded_input=10)) == \
-        "this run: 1 shard read, 10 images in 2.0s, 5.0 images/s (3 shards already committed, skipped)"
+    assert (
+        this_run(summary(skipped_shards=4, encoded_input=0))
+        == "this run: nothing to encode (4 shards already committed, skipped), 2.0s"
+    )
+    assert (
+        this_run(summary(skipped_shards=3, encoded_input=10))
+        == "this run: 1 shard read, 10 images in 2.0s, 5.0 images/s (3 shards already committed, skipped)"
+    )
 
 
 def test_a_resume_that_encodes_nothing_says_so(ray_session, kl_model, shards, tmp_path, capsys):
-    flags = ["encode", "--quiet", "--input", str(shards[0]), "--output", str(tmp_path / "out"), "--model", str(kl_model),
-             "--resolution", "64"]
+    flags = [
+        "encode",
+        "--quiet",
+        "--input",
+        str(shards[0]),
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        str(kl_model),
+        "--resolution",
+        "64",
+    ]
     assert main(flags) == 0
     assert "images/s" in capsys.readouterr().out
     assert main(flags) == 0

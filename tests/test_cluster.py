@@ -27,8 +27,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -56,8 +56,13 @@ def private_ray_env(temp_dir: Path) -> dict[str, str]:
     token = temp_dir / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-    return {**env, "RAY_TMPDIR": str(temp_dir), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-            "HF_HUB_OFFLINE": "1"}
+    return {
+        **env,
+        "RAY_TMPDIR": str(temp_dir),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "HF_HUB_OFFLINE": "1",
+    }
 
 
 def kill_processes_under(temp_dir: Path, group: int | None) -> list[int]:
@@ -110,14 +115,47 @@ def head_node(private_dir) -> Iterator[tuple[str, dict[str, str], Path]]:
     """`ray start --head --block` on free ports; yields (dashboard URL, client env, temp dir)."""
     env = private_ray_env(private_dir)
     gcs, node_manager, object_manager, client, dashboard, agent, agent_grpc, runtime_env, metrics = free_ports(9)
-    command = [RAY, "start", "--head", "--block", "--temp-dir", str(private_dir), "--node-ip-address", "127.0.0.1",
-               "--port", str(gcs), "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
-               "--ray-client-server-port", str(client), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-               "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-               "--min-worker-port", "0", "--max-worker-port", "0",  # workers: ports the OS picks
-               "--num-cpus", "2", "--object-store-memory", str(300 << 20), "--include-dashboard", "true",
-               "--disable-usage-stats"]
+    command = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--temp-dir",
+        str(private_dir),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--node-manager-port",
+        str(node_manager),
+        "--object-manager-port",
+        str(object_manager),
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--metrics-export-port",
+        str(metrics),
+        "--min-worker-port",
+        "0",
+        "--max-worker-port",
+        "0",  # workers: ports the OS picks
+        "--num-cpus",
+        "2",
+        "--object-store-memory",
+        str(300 << 20),
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+    ]
     with open(private_dir / "ray-start.log", "wb") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -152,10 +190,33 @@ def test_ray_job_submit_runs_jobs_encode_on_the_cluster(head_node, shards, kl_mo
     job_id = f"latentcache-test-{uuid.uuid4().hex[:8]}"
     # What a user types (README), with absolute paths: relative ones would resolve inside the
     # uploaded working directory.
-    submit = [RAY, "job", "submit", "--address", url, "--working-dir", str(ROOT), "--submission-id", job_id, "--",
-              sys.executable, "jobs/encode.py", "--config", "configs/local.yaml", "--quiet",
-              "--input", str(shards[0].parent / "shard-{00000..00001}.tar"), "--output", str(out),
-              "--model", str(kl_model), "--resolution", "64", "--batch-size", "4"]
+    submit = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        url,
+        "--working-dir",
+        str(ROOT),
+        "--submission-id",
+        job_id,
+        "--",
+        sys.executable,
+        "jobs/encode.py",
+        "--config",
+        "configs/local.yaml",
+        "--quiet",
+        "--input",
+        str(shards[0].parent / "shard-{00000..00001}.tar"),
+        "--output",
+        str(out),
+        "--model",
+        str(kl_model),
+        "--resolution",
+        "64",
+        "--batch-size",
+        "4",
+    ]
     result = subprocess.run(submit, env=env, cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert job_info(url, Path(env["RAY_AUTH_TOKEN_PATH"]).read_text(), job_id)["status"] == "SUCCEEDED"
@@ -169,17 +230,32 @@ def test_ray_job_submit_runs_jobs_encode_on_the_cluster(head_node, shards, kl_mo
     assert sum(p.stat().st_size for p in files) < 20 << 20  # sources only, not the environment
     # Token auth stays on: a client without RAY_AUTH_MODE=token sends no token and is refused.
     no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
-    refused = subprocess.run([RAY, "job", "list", "--address", url], env=no_token, capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [RAY, "job", "list", "--address", url], env=no_token, capture_output=True, text=True, timeout=60
+    )
     assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
 
 
 def test_two_nodes_encoders_only_on_the_gpu_node_decoding_on_both(private_dir, kl_model, tmp_path):
     make_shards(tmp_path / "shards", shards=4, per_shard=4, size=(80, 96))
     out = tmp_path / "cache"
-    command = [sys.executable, "-m", "tests._cluster_two_nodes", str(tmp_path / "shards" / "shard-{00000..00003}.tar"),
-               str(out), str(kl_model)]
-    proc = subprocess.Popen(command, env=private_ray_env(private_dir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tests._cluster_two_nodes",
+        str(tmp_path / "shards" / "shard-{00000..00003}.tar"),
+        str(out),
+        str(kl_model),
+    ]
+    proc = subprocess.Popen(
+        command,
+        env=private_ray_env(private_dir),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=540)
     finally:

@@ -43,7 +43,9 @@ CACHES = {
 }
 
 
-def write_corpus(folder: Path, *, shards: int, per_shard: int, side: int, prefix: str, seed: int) -> dict[str, np.ndarray]:
+def write_corpus(
+    folder: Path, *, shards: int, per_shard: int, side: int, prefix: str, seed: int
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     images = {}
     for s in range(shards):
@@ -66,8 +68,17 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 def caches(ray_session, kl_model, corpus, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("caches")
     for name, flags in CACHES.items():
-        assert encode(input=str(corpus[0] / "shard-{00000..00002}.tar"), output=root / name, model=kl_model,
-                      resolution=64, store_dtype="fp32", **flags) == 0
+        assert (
+            encode(
+                input=str(corpus[0] / "shard-{00000..00002}.tar"),
+                output=root / name,
+                model=kl_model,
+                resolution=64,
+                store_dtype="fp32",
+                **flags,
+            )
+            == 0
+        )
     return {name: root / name for name in CACHES}
 
 
@@ -76,8 +87,19 @@ def two_shapes(ray_session, kl_model, tmp_path_factory) -> Path:
     """A cache with aspect buckets: landscape, portrait and square images, six of each."""
     root = tmp_path_factory.mktemp("buckets")
     make_shards(root / "shards", shards=2, per_shard=9, ext="png", sizes=[(64, 96), (96, 64), (64, 64)])
-    assert encode(input=str(root / "shards" / "shard-{00000..00001}.tar"), output=root / "cache", model=kl_model,
-                  resolution=64, buckets=True, bucket_step=16, store_dtype="fp32", store_posterior=True) == 0
+    assert (
+        encode(
+            input=str(root / "shards" / "shard-{00000..00001}.tar"),
+            output=root / "cache",
+            model=kl_model,
+            resolution=64,
+            buckets=True,
+            bucket_step=16,
+            store_dtype="fp32",
+            store_posterior=True,
+        )
+        == 0
+    )
     return root / "cache"
 
 
@@ -100,7 +122,9 @@ def by_key(rows) -> dict[str, torch.Tensor]:
 def test_every_key_once_across_two_workers_and_two_ranks(caches, corpus, name, shuffle):
     keys = []
     for rank in range(2):
-        dataset = LatentDataset(caches[name], rank=rank, world_size=2, shuffle=shuffle, shuffle_buffer=4, seed=7, epoch=3)
+        dataset = LatentDataset(
+            caches[name], rank=rank, world_size=2, shuffle=shuffle, shuffle_buffer=4, seed=7, epoch=3
+        )
         keys.append(loader_keys(dataset, num_workers=2))
     assert sorted(keys[0] + keys[1]) == sorted(corpus[1])
     assert len(keys[0]) == len(keys[1]) == 9
@@ -113,8 +137,10 @@ def test_row_slices_cut_files_without_overlap():
 
 
 def test_even_gives_every_rank_the_same_number_of_rows(caches):
-    counts = [len(loader_keys(LatentDataset(caches["scale"], rank=r, world_size=4, even=True), num_workers=2))
-              for r in range(4)]
+    counts = [
+        len(loader_keys(LatentDataset(caches["scale"], rank=r, world_size=4, even=True), num_workers=2))
+        for r in range(4)
+    ]
     assert counts == [4, 4, 4, 4]  # 18 rows: 2 left over
 
 
@@ -132,8 +158,13 @@ def test_resampling_is_deterministic_per_key_and_epoch(caches, name):
     def draw(epoch: int, **kwargs) -> dict[str, torch.Tensor]:
         return by_key(LatentDataset(caches[name], resample=True, seed=4, epoch=epoch, **kwargs))
 
-    workers = by_key(DataLoader(LatentDataset(caches[name], resample=True, seed=4, epoch=1, shuffle_buffer=3),
-                                batch_size=None, num_workers=2))
+    workers = by_key(
+        DataLoader(
+            LatentDataset(caches[name], resample=True, seed=4, epoch=1, shuffle_buffer=3),
+            batch_size=None,
+            num_workers=2,
+        )
+    )
     ranks = {**draw(1, shuffle=False, rank=0, world_size=2), **draw(1, shuffle=False, rank=1, world_size=2)}
     mapped = LatentMapDataset(caches[name], resample=True, seed=4, epoch=1)
     mapped = by_key(mapped[i] for i in range(len(mapped)))
@@ -153,9 +184,9 @@ def test_resampled_mean_over_epochs_approaches_the_stored_mean(caches):
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
         total += torch.stack([dataset[i]["latent"] for i in range(len(mean))])
-    z = (total / epochs - mean) / (std / epochs ** 0.5)  # standard normal if the draws are right
+    z = (total / epochs - mean) / (std / epochs**0.5)  # standard normal if the draws are right
     assert z.abs().max() < 5.5
-    assert 0.9 < (z ** 2).mean() < 1.1
+    assert 0.9 < (z**2).mean() < 1.1
     assert abs(z.mean()) < 0.1
 
 
@@ -201,8 +232,11 @@ def test_raw_resample_is_the_raw_posterior_draw(caches, posterior):
 def test_decoder_config_is_what_the_vae_needs(caches):
     assert decoder_config(caches["scale"]) == {"scaling_factor": pytest.approx(0.18215)}
     assert decoder_config(caches["shift_scale"]) == {"scaling_factor": pytest.approx(0.18215), "shift_factor": 0.25}
-    assert decoder_config(caches["per_channel"]) == {"scaling_factor": pytest.approx(0.18215),
-                                                     "latents_mean": MEAN, "latents_std": STD}
+    assert decoder_config(caches["per_channel"]) == {
+        "scaling_factor": pytest.approx(0.18215),
+        "latents_mean": MEAN,
+        "latents_std": STD,
+    }
     space = LatentSpace.from_dict({"convention": "per_channel", **decoder_config(caches["per_channel"])})
     assert space == Cache(str(caches["per_channel"])).space
 
@@ -218,7 +252,9 @@ def test_bad_space_is_a_clear_error(caches):
 def test_bucket_sampler_batches_are_uniform_and_agree_across_ranks(two_shapes):
     dataset = LatentMapDataset(two_shapes)
     assert Counter(dataset.shapes) == SHAPES
-    samplers = [BucketBatchSampler(dataset.shapes, batch_size=4, seed=1, epoch=2, rank=r, world_size=2) for r in range(2)]
+    samplers = [
+        BucketBatchSampler(dataset.shapes, batch_size=4, seed=1, epoch=2, rank=r, world_size=2) for r in range(2)
+    ]
     order = samplers[0].global_batches()
     assert order == samplers[1].global_batches() and len(order) == 6  # per shape: one of 4, one of 2
     assert order != BucketBatchSampler(dataset.shapes, batch_size=4, seed=1, epoch=3).global_batches()
@@ -236,7 +272,9 @@ def test_bucket_sampler_batches_are_uniform_and_agree_across_ranks(two_shapes):
 
 def test_bucket_sampler_pads_or_drops_so_ranks_take_equal_steps(two_shapes):
     shapes = LatentMapDataset(two_shapes).shapes
-    dropped = [b for r in range(2) for b in BucketBatchSampler(shapes, batch_size=4, drop_last=True, rank=r, world_size=2)]
+    dropped = [
+        b for r in range(2) for b in BucketBatchSampler(shapes, batch_size=4, drop_last=True, rank=r, world_size=2)
+    ]
     # one full batch per shape, cut to 2 so that both ranks take one step
     assert len(dropped) == 2 and all(len(b) == 4 and len({shapes[i] for i in b}) == 1 for b in dropped)
     assert len({i for b in dropped for i in b}) == 8
@@ -248,7 +286,9 @@ def test_bucket_sampler_pads_or_drops_so_ranks_take_equal_steps(two_shapes):
 def test_streaming_batches_have_one_shape_and_every_key_once(two_shapes):
     keys = []
     for rank in range(2):
-        for batch in DataLoader(LatentDataset(two_shapes, batch_size=4, rank=rank, world_size=2), batch_size=None, num_workers=2):
+        for batch in DataLoader(
+            LatentDataset(two_shapes, batch_size=4, rank=rank, world_size=2), batch_size=None, num_workers=2
+        ):
             assert tuple(batch["latent"].shape[1:]) in SHAPES
             keys += batch["key"]
     assert len(keys) == len(set(keys)) == 18
@@ -297,7 +337,9 @@ def test_s3_cache_streams_like_the_local_one(ray_session, caches, s3):
     s3fs.S3FileSystem(**options).put(str(caches["scale"]), f"{bucket}/cache", recursive=True)
     url = f"s3://{bucket}/cache"
     local = by_key(LatentDataset(caches["scale"], resample=True, epoch=1))
-    remote = [loader_keys(LatentDataset(url, storage_options=options, rank=r, world_size=2), num_workers=2) for r in range(2)]
+    remote = [
+        loader_keys(LatentDataset(url, storage_options=options, rank=r, world_size=2), num_workers=2) for r in range(2)
+    ]
     assert sorted(remote[0] + remote[1]) == sorted(local)
     for key, latent in by_key(LatentDataset(url, storage_options=options, resample=True, epoch=1)).items():
         torch.testing.assert_close(latent, local[key], rtol=0, atol=0)

@@ -55,9 +55,17 @@ def marker_before(text: str, start: int) -> str | None:
 
 def doc_blocks(doc: Path) -> list[Block]:
     text = doc.read_text()
-    return [Block(doc, text.count("\n", 0, m.start()) + 1, RUN_LANGS[m.group("lang")],
-                  textwrap.dedent(m.group("body")), marker_before(text, m.start()))
-            for m in FENCE.finditer(text) if m.group("lang") in RUN_LANGS]
+    return [
+        Block(
+            doc,
+            text.count("\n", 0, m.start()) + 1,
+            RUN_LANGS[m.group("lang")],
+            textwrap.dedent(m.group("body")),
+            marker_before(text, m.start()),
+        )
+        for m in FENCE.finditer(text)
+        if m.group("lang") in RUN_LANGS
+    ]
 
 
 BLOCKS = [b for doc in DOCS for b in doc_blocks(doc)]
@@ -65,8 +73,9 @@ RUNNABLE = [b for b in BLOCKS if b.not_run is None]
 
 
 def test_the_documents_have_runnable_blocks():
-    assert any(b.kind == "python" for b in RUNNABLE) and any(b.kind == "shell" for b in RUNNABLE), \
-        [b.id for b in RUNNABLE]
+    assert any(b.kind == "python" for b in RUNNABLE) and any(b.kind == "shell" for b in RUNNABLE), [
+        b.id for b in RUNNABLE
+    ]
 
 
 def test_every_skipped_block_says_why():
@@ -102,6 +111,14 @@ def test_block_runs(block, workdir, monkeypatch, capsys):
     if block.kind == "python":
         exec(compile(block.body, block.id, "exec"), {"__name__": "__doc_block__"})
         return
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block.body], cwd=workdir, env=shell_env(),
-                            capture_output=True, text=True, timeout=SHELL_TIMEOUT_S)
-    assert result.returncode == 0, f"{block.id} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.body],
+        cwd=workdir,
+        env=shell_env(),
+        capture_output=True,
+        text=True,
+        timeout=SHELL_TIMEOUT_S,
+    )
+    assert result.returncode == 0, (
+        f"{block.id} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )

@@ -21,8 +21,12 @@ def mixed_shard(tmp_path_factory):
     images = {f"img{i:03d}": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(5)}
     good = png_bytes(images["img000"])
     members = [(f"{k}.png", png_bytes(v)) for k, v in images.items()]
-    members += [("bad/corrupt.png", b"not an image at all"), ("bad/corrupt.txt", b"caption"),
-                ("bad/empty.jpg", b""), ("bad/truncated.png", good[: len(good) // 2])]
+    members += [
+        ("bad/corrupt.png", b"not an image at all"),
+        ("bad/corrupt.txt", b"caption"),
+        ("bad/empty.jpg", b""),
+        ("bad/truncated.png", good[: len(good) // 2]),
+    ]
     write_tar(folder / "shard-00000.tar", members)
     return folder / "shard-00000.tar", images
 
@@ -30,7 +34,9 @@ def mixed_shard(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mixed_cache(ray_session, kl_model, mixed_shard, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "out"
-    assert encode(input=mixed_shard[0], output=out, model=kl_model, resolution=64, store_dtype="fp32", batch_size=3) == 0
+    assert (
+        encode(input=mixed_shard[0], output=out, model=kl_model, resolution=64, store_dtype="fp32", batch_size=3) == 0
+    )
     return out
 
 
@@ -83,8 +89,19 @@ def test_sample_is_per_key_and_independent_of_batch_size(ray_session, kl_model, 
     runs = {}
     for name, batch in (("a", 2), ("b", 5)):
         out = tmp_path / name
-        assert encode(input=shards[0].parent / "shard-{00000..00001}.tar", output=out, model=kl_model,
-                      resolution=64, posterior="sample", seed=7, batch_size=batch, store_dtype="fp32") == 0
+        assert (
+            encode(
+                input=shards[0].parent / "shard-{00000..00001}.tar",
+                output=out,
+                model=kl_model,
+                resolution=64,
+                posterior="sample",
+                seed=7,
+                batch_size=batch,
+                store_dtype="fp32",
+            )
+            == 0
+        )
         table = read_cache(out)
         runs[name] = dict(zip(table.column("key").to_pylist(), latents(table)))
     assert runs["a"].keys() == runs["b"].keys() and len(runs["a"]) == 12
@@ -106,10 +123,13 @@ def test_per_key_noise_is_bitwise_stable_whatever_the_batch():
     assert not torch.equal(per_key_noise(["b"], (4, 2, 2), seed=4)[0], alone[0])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--resolution", "abc"], "invalid int value"),
-    (["--posterior", "median"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--resolution", "abc"], "invalid int value"),
+        (["--posterior", "median"], "invalid choice"),
+    ],
+)
 def test_bad_flag_value_is_one_line_usage_error(argv, message, capsys, tmp_path):
     from latentcache.cli import main
 
@@ -133,7 +153,9 @@ def test_yaml_config_with_flag_override(ray_session, kl_model, shards, tmp_path)
     from latentcache.cli import main
 
     config = tmp_path / "run.yaml"
-    config.write_text(f"input: {shards[0]}\noutput: {tmp_path / 'y'}\nmodel: {kl_model}\nresolution: 32\nstore-dtype: fp32\n")
+    config.write_text(
+        f"input: {shards[0]}\noutput: {tmp_path / 'y'}\nmodel: {kl_model}\nresolution: 32\nstore-dtype: fp32\n"
+    )
     assert main(["encode", "--quiet", "--config", str(config), "--resolution", "64"]) == 0
     m = manifest(tmp_path / "y")
     assert m["preprocess"]["resolution"] == 64 and m["store_dtype"] == "fp32"

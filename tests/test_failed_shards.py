@@ -36,7 +36,10 @@ def image(seed: int) -> bytes:
 def members(prefix: str, n: int) -> list[tuple[str, bytes]]:
     out = []
     for i in range(n):
-        out += [(f"{prefix}/{i}.png", image(zlib.crc32(prefix.encode()) + i)), (f"{prefix}/{i}.txt", f"caption {i}".encode())]
+        out += [
+            (f"{prefix}/{i}.png", image(zlib.crc32(prefix.encode()) + i)),
+            (f"{prefix}/{i}.txt", f"caption {i}".encode()),
+        ]
     return out
 
 
@@ -59,21 +62,33 @@ def member_offsets(data: bytes) -> list[tarfile.TarInfo]:
 def damaged_tars() -> dict[str, tuple[bytes, list[str], str]]:
     def cut(name: str, where) -> bytes:
         whole = tar_bytes(members(name, 2))
-        return whole[:where(member_offsets(whole))]
+        return whole[: where(member_offsets(whole))]
 
     return {
         "random_bytes": (np.random.default_rng(1).bytes(10_000), [], "tar shard is damaged"),
         "empty_file": (b"", [], "empty file"),
         # cut inside the second image: the first sample is complete, the second is known but cut
-        "cut_mid_member": (cut("cut_mid_member", lambda m: m[2].offset_data + m[2].size // 2),
-                           ["cut_mid_member/0", "cut_mid_member/1"], "tar shard is damaged"),
+        "cut_mid_member": (
+            cut("cut_mid_member", lambda m: m[2].offset_data + m[2].size // 2),
+            ["cut_mid_member/0", "cut_mid_member/1"],
+            "tar shard is damaged",
+        ),
         # cut exactly after the first sample's last member: tarfile alone would call this a whole tar
-        "cut_at_boundary": (cut("cut_at_boundary", lambda m: m[2].offset),
-                            ["cut_at_boundary/0"], "without its end-of-archive marker"),
-        "garbage_after_member": (cut("garbage_after_member", lambda m: m[2].offset) + b"\x7f" * 512,
-                                 ["garbage_after_member/0"], "invalid member header"),
-        "cut_in_header": (cut("cut_in_header", lambda m: m[2].offset + 100),
-                          ["cut_in_header/0"], "cut inside a member header"),
+        "cut_at_boundary": (
+            cut("cut_at_boundary", lambda m: m[2].offset),
+            ["cut_at_boundary/0"],
+            "without its end-of-archive marker",
+        ),
+        "garbage_after_member": (
+            cut("garbage_after_member", lambda m: m[2].offset) + b"\x7f" * 512,
+            ["garbage_after_member/0"],
+            "invalid member header",
+        ),
+        "cut_in_header": (
+            cut("cut_in_header", lambda m: m[2].offset + 100),
+            ["cut_in_header/0"],
+            "cut inside a member header",
+        ),
     }
 
 
@@ -89,7 +104,7 @@ def corrupt_second_row_group(table: pa.Table) -> bytes:
     pq.write_table(table, buf, row_group_size=2)
     data = bytearray(buf.getvalue())
     column = pq.ParquetFile(io.BytesIO(bytes(data))).metadata.row_group(1).column(1)
-    data[column.data_page_offset:column.data_page_offset + 16] = b"\xff" * 16
+    data[column.data_page_offset : column.data_page_offset + 16] = b"\xff" * 16
     return bytes(data)
 
 
@@ -100,8 +115,11 @@ def parquet_table(prefix: str, n: int) -> pa.Table:
 def damaged_parquets() -> dict[str, tuple[bytes, list[str], str]]:
     return {  # "a_" sorts first: the driver's column check meets the unreadable file first
         "a_truncated": (truncated_parquet(parquet_table("a_truncated", 4)), [], "Parquet shard cannot be read"),
-        "corrupt_page": (corrupt_second_row_group(parquet_table("corrupt_page", 4)),
-                         ["corrupt_page/0", "corrupt_page/1"], "Parquet shard cannot be read"),
+        "corrupt_page": (
+            corrupt_second_row_group(parquet_table("corrupt_page", 4)),
+            ["corrupt_page/0", "corrupt_page/1"],
+            "Parquet shard cannot be read",
+        ),
         "no_image_column": (_plain_parquet(pa.table({"key": ["n/0"]})), [], "image column 'image' not found"),
     }
 
@@ -167,7 +185,9 @@ def test_damaged_tars_fail_their_shards_and_a_rerun_retries_them(ray_session, kl
         (folder / f"{name}.tar").write_bytes(data)
     flags = dict(input=folder / "*.tar", output=out, model=kl_model, resolution=SIZE)
     assert encode(**flags) == 3
-    check_failed_run(out, {str(folder / f"{n}.tar"): (n, keys, phrase) for n, (_, keys, phrase) in cases.items()}, capsys)
+    check_failed_run(
+        out, {str(folder / f"{n}.tar"): (n, keys, phrase) for n, (_, keys, phrase) in cases.items()}, capsys
+    )
     assert cached_keys(out) == {"good/0", "good/1"}
 
     for name in cases:
@@ -203,8 +223,9 @@ def test_unreadable_folder_images_fail_the_chunk_with_every_key_known(ray_sessio
     flags = dict(input=folder, output=out, model=kl_model, resolution=SIZE)
     assert encode(**flags) == 3
     shard = f"{folder}#part-00000"
-    check_failed_run(out, {shard: ("part-00000", ["dangling", "loop", "ok0", "ok1"], "2 of 4 image files cannot be read")},
-                     capsys)
+    check_failed_run(
+        out, {shard: ("part-00000", ["dangling", "loop", "ok0", "ok1"], "2 of 4 image files cannot be read")}, capsys
+    )
     reasons = {r["key"]: r["reason"] for r in failed_rows(out)[shard]}
     assert "this sample: cannot read image file" in reasons["loop"] and "this sample" not in reasons["ok0"]
 

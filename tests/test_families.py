@@ -31,27 +31,73 @@ from .helpers import encode, manifest, png_bytes
 
 SIZE = 64
 MEAN4, STD4 = [0.1, -0.2, 0.3, 0.0], [1.5, 0.7, 2.0, 1.1]
-VIDEO = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
-             latents_mean=MEAN4, latents_std=STD4)
+VIDEO = dict(
+    base_dim=16,
+    z_dim=4,
+    dim_mult=[1, 2, 2],
+    num_res_blocks=1,
+    temperal_downsample=[False, True],
+    latents_mean=MEAN4,
+    latents_std=STD4,
+)
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {  # family -> (diffusers class, tiny config)
-    "flux2": ("AutoencoderKLFlux2", dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                                         latent_channels=8, sample_size=SIZE)),
-    "dc": ("AutoencoderDC", dict(latent_channels=8, attention_head_dim=8, scaling_factor=0.41407,
-                                 encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                                 decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                                 encoder_block_out_channels=(16, 32, 32), decoder_block_out_channels=(16, 32, 32),
-                                 encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-                                 encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-                                 decoder_norm_types="rms_norm", decoder_act_fns="silu")),
+    "flux2": (
+        "AutoencoderKLFlux2",
+        dict(
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            latent_channels=8,
+            sample_size=SIZE,
+        ),
+    ),
+    "dc": (
+        "AutoencoderDC",
+        dict(
+            latent_channels=8,
+            attention_head_dim=8,
+            scaling_factor=0.41407,
+            encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+            encoder_block_out_channels=(16, 32, 32),
+            decoder_block_out_channels=(16, 32, 32),
+            encoder_layers_per_block=(1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1),
+            encoder_qkv_multiscales=((), (), (5,)),
+            decoder_qkv_multiscales=((), (), (5,)),
+            decoder_norm_types="rms_norm",
+            decoder_act_fns="silu",
+        ),
+    ),
     "qwenimage": ("AutoencoderKLQwenImage", VIDEO),
     "wan2.1": ("AutoencoderKLWan", VIDEO),
-    "wan2.2": ("AutoencoderKLWan", dict(VIDEO, z_dim=8, latents_mean=MEAN4 * 2, latents_std=STD4 * 2, is_residual=True,
-                                        patch_size=2, in_channels=12, out_channels=12)),
-    "hunyuanimage": ("AutoencoderKLHunyuanImage", dict(in_channels=3, out_channels=3, latent_channels=8,
-                                                       block_out_channels=(32, 32, 32), layers_per_block=1,
-                                                       spatial_compression_ratio=4, sample_size=SIZE,
-                                                       scaling_factor=0.75289)),
+    "wan2.2": (
+        "AutoencoderKLWan",
+        dict(
+            VIDEO,
+            z_dim=8,
+            latents_mean=MEAN4 * 2,
+            latents_std=STD4 * 2,
+            is_residual=True,
+            patch_size=2,
+            in_channels=12,
+            out_channels=12,
+        ),
+    ),
+    "hunyuanimage": (
+        "AutoencoderKLHunyuanImage",
+        dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=8,
+            block_out_channels=(32, 32, 32),
+            layers_per_block=1,
+            spatial_compression_ratio=4,
+            sample_size=SIZE,
+            scaling_factor=0.75289,
+        ),
+    ),
 }
 RELATIVE_DIFFERENCE: dict[str, float] = {}
 
@@ -95,8 +141,10 @@ def caches(models, shard, ray_session, tmp_path_factory):
     def get(family: str) -> Path:
         if family not in done:
             out = root / family
-            assert encode(input=shard, output=out, model=models[family], resolution=SIZE, store_dtype="fp32",
-                          batch_size=2) == 0
+            assert (
+                encode(input=shard, output=out, model=models[family], resolution=SIZE, store_dtype="fp32", batch_size=2)
+                == 0
+            )
             done[family] = out
         return done[family]
 
@@ -132,16 +180,18 @@ def dc_latent(vae: Any, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
 
 
 def qwen_latent(vae: Any, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
-    pipe = QwenImageEditPipeline(scheduler=None, vae=vae, text_encoder=None, tokenizer=None, processor=None,
-                                 transformer=None)
+    pipe = QwenImageEditPipeline(
+        scheduler=None, vae=vae, text_encoder=None, tokenizer=None, processor=None, transformer=None
+    )
     return pipe._encode_vae_image(x.unsqueeze(2), generator=None)[:, :, 0]  # [B, C, 1, h, w]: one frame
 
 
 def wan_latent(vae: Any, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
     # Wan 2.2 TI2V's image path (expand_timesteps): the image alone is the condition, one latent frame.
     pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=None, expand_timesteps=True)
-    _, condition, _ = pipe.prepare_latents(x, 1, vae.config.z_dim, SIZE, SIZE, num_frames=1, dtype=torch.float32,
-                                           device=torch.device("cpu"))
+    _, condition, _ = pipe.prepare_latents(
+        x, 1, vae.config.z_dim, SIZE, SIZE, num_frames=1, dtype=torch.float32, device=torch.device("cpu")
+    )
     return condition[:, :, 0]
 
 
@@ -153,10 +203,21 @@ def hunyuan_latent(vae: Any, x: torch.Tensor, keys: list[str]) -> torch.Tensor:
 
 
 PIPELINE_LATENT: dict[str, Callable[[Any, torch.Tensor, list[str]], torch.Tensor]] = {
-    "flux2": flux2_latent, "dc": dc_latent, "qwenimage": qwen_latent, "wan2.1": wan_latent, "wan2.2": wan_latent,
-    "hunyuanimage": hunyuan_latent}
-CONVENTION = {"flux2": "patch_bn", "dc": "scale", "qwenimage": "per_channel", "wan2.1": "per_channel",
-              "wan2.2": "per_channel", "hunyuanimage": "scale"}
+    "flux2": flux2_latent,
+    "dc": dc_latent,
+    "qwenimage": qwen_latent,
+    "wan2.1": wan_latent,
+    "wan2.2": wan_latent,
+    "hunyuanimage": hunyuan_latent,
+}
+CONVENTION = {
+    "flux2": "patch_bn",
+    "dc": "scale",
+    "qwenimage": "per_channel",
+    "wan2.1": "per_channel",
+    "wan2.2": "per_channel",
+    "hunyuanimage": "scale",
+}
 
 
 @pytest.mark.parametrize("family", list(MODELS))
@@ -209,8 +270,9 @@ def test_stats_suggests_flux2_batchnorm_statistics(caches, tmp_path):
     assert doc["current_latent_space"]["convention"] == "patch_bn"
     # one value per patch channel c*4 + dy*2 + dx (Flux2Pipeline._patchify_latents), from raw channel c
     np.testing.assert_allclose(bn["bn.running_mean"], np.repeat(doc["channel_mean"], 4))
-    np.testing.assert_allclose(np.sqrt(np.asarray(bn["bn.running_var"]) + bn["batch_norm_eps"]),
-                               np.repeat(doc["channel_std"], 4), rtol=1e-9)
+    np.testing.assert_allclose(
+        np.sqrt(np.asarray(bn["bn.running_var"]) + bn["batch_norm_eps"]), np.repeat(doc["channel_std"], 4), rtol=1e-9
+    )
 
 
 @pytest.mark.parametrize("flags, bad", [({"resolution": 72}, "72"), ({"resolution": 64, "buckets": [[64, 72]]}, "72")])
@@ -218,8 +280,9 @@ def test_image_sides_follow_the_familys_resolution_multiple(flags, bad):
     from latentcache.config import EncodeConfig
     from latentcache.models import FAMILIES, ModelError, check_options
 
-    vae = diffusers.AutoencoderKLHunyuanImage(**{**MODELS["hunyuanimage"][1], "block_out_channels": (32,) * 5,
-                                                 "spatial_compression_ratio": 16})
+    vae = diffusers.AutoencoderKLHunyuanImage(
+        **{**MODELS["hunyuanimage"][1], "block_out_channels": (32,) * 5, "spatial_compression_ratio": 16}
+    )
     family = FAMILIES["hunyuanimage"]
     assert family.resolution_multiple(vae) == 16
     cfg = EncodeConfig(input="in.tar", output="out", model="m", **flags)

@@ -40,11 +40,20 @@ def family_models(tmp_path_factory):
 
 def pixel_table(images: list[np.ndarray], errors: dict[int, str] | None = None) -> pa.Table:
     n = len(images)
-    raw = pa.table({"key": [f"k{i}" for i in range(n)], "shard": ["s"] * n, "index": list(range(n)),
-                    "error": pa.array([(errors or {}).get(i) for i in range(n)], pa.string())})
+    raw = pa.table(
+        {
+            "key": [f"k{i}" for i in range(n)],
+            "shard": ["s"] * n,
+            "index": list(range(n)),
+            "error": pa.array([(errors or {}).get(i) for i in range(n)], pa.string()),
+        }
+    )
     chw = [np.ascontiguousarray(img.transpose(2, 0, 1)) for img in images]
-    return carry(raw, PIXEL_SCHEMA, {"pixels": [p.tobytes() for p in chw], "height": [p.shape[1] for p in chw],
-                                     "width": [p.shape[2] for p in chw]})
+    return carry(
+        raw,
+        PIXEL_SCHEMA,
+        {"pixels": [p.tobytes() for p in chw], "height": [p.shape[1] for p in chw], "width": [p.shape[2] for p in chw]},
+    )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -78,8 +87,9 @@ def test_driver_view_has_the_loaded_models_config_without_its_weights(family, fa
     view, view_family = model_view(spec)
     loaded, loaded_family = load_vae(spec)
     assert view_family == loaded_family
-    assert {k: v for k, v in view.config.items() if k != "_name_or_path"} == \
-        {k: v for k, v in loaded.config.items() if k != "_name_or_path"}
+    assert {k: v for k, v in view.config.items() if k != "_name_or_path"} == {
+        k: v for k, v in loaded.config.items() if k != "_name_or_path"
+    }
     assert all(p.device.type == "meta" for p in view.parameters())
 
 
@@ -142,8 +152,16 @@ def test_column_moves_round_trip_rows_with_nulls_and_chunks():
     packed = binary_rows(arr)
     assert packed.to_pylist() == [row.tobytes() for row in arr]
     placed = scatter_rows(packed, np.array([4, 0, 2, 6, 5]), 8)
-    assert placed.to_pylist() == [arr[1].tobytes(), None, arr[2].tobytes(), None, arr[0].tobytes(), arr[4].tobytes(),
-                                  arr[3].tobytes(), None]
+    assert placed.to_pylist() == [
+        arr[1].tobytes(),
+        None,
+        arr[2].tobytes(),
+        None,
+        arr[0].tobytes(),
+        arr[4].tobytes(),
+        arr[3].tobytes(),
+        None,
+    ]
     chunked = pa.chunked_array([placed.slice(0, 3), placed.slice(3)])
     back = stack_binary(chunked, np.array([4, 2, 5]), (2, 3), np.float16)
     np.testing.assert_array_equal(back, arr[[0, 2, 4]])
@@ -156,11 +174,16 @@ def test_encoder_keeps_error_rows_in_place(family_models):
     table = pixel_table(images, errors={1: "cannot decode image"})
     out = LatentEncoder(model=ModelSpec(model=str(family_models["kl"])), spec=EncodeSpec(store_dtype="fp32"))(table)
     alone = LatentEncoder(model=ModelSpec(model=str(family_models["kl"])), spec=EncodeSpec(store_dtype="fp32"))(
-        pixel_table([images[3]]))
+        pixel_table([images[3]])
+    )
     assert out.column("error").to_pylist() == [None, "cannot decode image", None, None]
     assert out.column("latent")[1].as_py() is None and out.column("latent_shape")[1].as_py() is None
-    np.testing.assert_allclose(np.frombuffer(out.column("latent")[3].as_py(), np.float32),
-                               np.frombuffer(alone.column("latent")[0].as_py(), np.float32), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.frombuffer(out.column("latent")[3].as_py(), np.float32),
+        np.frombuffer(alone.column("latent")[0].as_py(), np.float32),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     assert out.column("store_dtype").to_pylist() == ["fp32", None, "fp32", "fp32"]
 
 

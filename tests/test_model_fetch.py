@@ -22,8 +22,9 @@ MODEL_PREFIX = "vaes/kl"
 def upload(folder: Path, bucket: str, options: dict, prefix: str = MODEL_PREFIX) -> str:
     import s3fs
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": options["endpoint_url"]}, key=options["key"],
-                           secret=options["secret"])
+    fs = s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": options["endpoint_url"]}, key=options["key"], secret=options["secret"]
+    )
     for path in folder.iterdir():
         fs.put_file(str(path), f"{bucket}/{prefix}/{path.name}")
     return f"s3://{bucket}/{prefix}/"
@@ -43,8 +44,9 @@ def test_url_model_is_fetched_once_keyed_by_sha256_and_verified(s3, kl_model, tm
     assert local == tmp_path / "cache" / files_key(files) and sorted(p.name for p in local.iterdir()) == sorted(files)
     assert fetch_model(url, options) == (local, files) and fetch_model(url, {}, expected=files) == (local, files)
     assert len(fetches(tmp_path / "cache")) == 1  # the listing and the hashes found the copy
-    vae, family = load_vae(__import__("latentcache.models", fromlist=["ModelSpec"]).ModelSpec(
-        model=url, storage_options=options))
+    vae, family = load_vae(
+        __import__("latentcache.models", fromlist=["ModelSpec"]).ModelSpec(model=url, storage_options=options)
+    )
     assert family.name == "kl" and len(fetches(tmp_path / "cache")) == 1
     with pytest.raises(ModelError, match="changed since this run started"):
         fetch_model(url, options, expected={**files, "config.json": "0" * 64})
@@ -56,10 +58,26 @@ def test_two_nodes_fetch_the_s3_model_once_each(s3, kl_model, private_dir, tmp_p
     make_shards(tmp_path / "shards", shards=2, per_shard=4, size=(64, 64))
     out, head_cache, gpu_cache = tmp_path / "cache", tmp_path / "models-head", tmp_path / "models-gpu"
     shards = str(tmp_path / "shards" / "shard-{00000..00001}.tar")
-    command = [sys.executable, "-m", "tests._cluster_model_fetch", shards, str(out), url, json.dumps(options),
-               str(head_cache), str(gpu_cache)]
-    proc = subprocess.Popen(command, env=private_ray_env(private_dir), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "tests._cluster_model_fetch",
+        shards,
+        str(out),
+        url,
+        json.dumps(options),
+        str(head_cache),
+        str(gpu_cache),
+    ]
+    proc = subprocess.Popen(
+        command,
+        env=private_ray_env(private_dir),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=540)
     finally:

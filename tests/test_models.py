@@ -188,7 +188,7 @@ POSTERIOR_FLAGS = dict(posterior="sample", seed=3, store_posterior=True, format=
 CLI_CASES = {  # family -> (convention from its config, flags, tolerance vs fp32 diffusers)
     "kl-4ch": ("scale", POSTERIOR_FLAGS, 2e-5),
     "kl-16ch-no-quant-conv": ("shift_scale", {"store_dtype": "fp32"}, 2e-5),
-    "kl-no-mid-attention": ("per_channel", {"format": "safetensors", "store_dtype": "bf16"}, 2 ** -7),
+    "kl-no-mid-attention": ("per_channel", {"format": "safetensors", "store_dtype": "bf16"}, 2**-7),
     "tiny": ("scale", {"store_dtype": "fp32", "model_class": "tiny"}, 2e-5),  # config _class_name renamed
     "vq": ("per_channel", {"store_dtype": "fp32", "vq_output": "both"}, 2e-5),
 }
@@ -296,8 +296,10 @@ def test_safetensors_bf16_storage(model_dir, png_shard, images, runs):
     assert plain["latent"].dtype == torch.bfloat16
     keys, tensors = cache_tensors(out)
     expected = to_stored(direct(folder, stack_for(keys, images))["mean"], config_of(folder))
-    np.testing.assert_allclose(tensors["latent"], expected, rtol=2 ** -7, atol=1e-2)
-    stats = json.loads((out / "__latentcache__" / "stats.json").read_text())  # computed from the bf16 values a reader gets back
+    np.testing.assert_allclose(tensors["latent"], expected, rtol=2**-7, atol=1e-2)
+    stats = json.loads(
+        (out / "__latentcache__" / "stats.json").read_text()
+    )  # computed from the bf16 values a reader gets back
     raw = tensors["latent"].astype(np.float64) * np.asarray(config_of(folder)["latents_std"]).reshape(-1, 1, 1) / 0.5
     raw += np.asarray(config_of(folder)["latents_mean"]).reshape(-1, 1, 1)
     np.testing.assert_allclose(stats["channel_mean"], raw.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-9)
@@ -305,8 +307,16 @@ def test_safetensors_bf16_storage(model_dir, png_shard, images, runs):
 
 def test_slicing_equals_no_slicing(model_dir, png_shard, runs):
     _, whole = cache_tensors(cli_run("kl-4ch", model_dir, png_shard, runs))  # batches of 3, stores the mode too
-    _, sliced = cache_tensors(runs("slicing", input=png_shard, model=model_dir("kl-4ch", "scale"), store_dtype="fp32",
-                                   batch_size=4, slicing=True))
+    _, sliced = cache_tensors(
+        runs(
+            "slicing",
+            input=png_shard,
+            model=model_dir("kl-4ch", "scale"),
+            store_dtype="fp32",
+            batch_size=4,
+            slicing=True,
+        )
+    )
     # one image per forward pass instead of a batch: the same up to float rounding of batched convolutions
     np.testing.assert_allclose(sliced["latent"], whole["posterior_mean"], atol=1e-5, rtol=0)
 
@@ -402,18 +412,51 @@ def test_hub_id_from_local_cache_offline_with_subfolder(model_dir, png_shard, im
     process joins this Ray cluster, so its HF_HOME must reach the encoder actors."""
     folder = model_dir("kl-16ch-no-quant-conv", "shift_scale")
     home = tmp_path / "hf-home"
-    fake_hub_cache(home, "latentcache-test/tiny-pipeline", {
-        "model_index.json": _write(tmp_path / "model_index.json", '{"_class_name": "StableDiffusionPipeline"}'),
-        "vae/config.json": folder / "config.json",
-        "vae/diffusion_pytorch_model.safetensors": folder / "diffusion_pytorch_model.safetensors"})
+    fake_hub_cache(
+        home,
+        "latentcache-test/tiny-pipeline",
+        {
+            "model_index.json": _write(tmp_path / "model_index.json", '{"_class_name": "StableDiffusionPipeline"}'),
+            "vae/config.json": folder / "config.json",
+            "vae/diffusion_pytorch_model.safetensors": folder / "diffusion_pytorch_model.safetensors",
+        },
+    )
     out = tmp_path / "hub-out"
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env = {
+        **os.environ,
+        "HF_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+    }
     env.pop("HF_HUB_CACHE", None)
-    argv = [sys.executable, "-m", "latentcache", "encode", "--quiet", "--input", str(png_shard), "--resolution", str(SIZE)]
-    done = subprocess.run([*argv, "--output", str(out), "--model", "latentcache-test/tiny-pipeline",
-                           "--model-subfolder", "vae", "--store-dtype", "fp32"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    argv = [
+        sys.executable,
+        "-m",
+        "latentcache",
+        "encode",
+        "--quiet",
+        "--input",
+        str(png_shard),
+        "--resolution",
+        str(SIZE),
+    ]
+    done = subprocess.run(
+        [
+            *argv,
+            "--output",
+            str(out),
+            "--model",
+            "latentcache-test/tiny-pipeline",
+            "--model-subfolder",
+            "vae",
+            "--store-dtype",
+            "fp32",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     keys, tensors = cache_tensors(out)
     expected = to_stored(direct(folder, stack_for(keys, images))["mean"], config_of(folder))
@@ -444,7 +487,9 @@ def test_model_class_forced_when_the_config_names_another_class(model_dir, png_s
 def pickle_models(model_dir, single_file, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pickle")
     folder = root / "bin-only"
-    diffusers.AutoencoderKL.from_pretrained(model_dir("kl-4ch", "scale")).save_pretrained(folder, safe_serialization=False)
+    diffusers.AutoencoderKL.from_pretrained(model_dir("kl-4ch", "scale")).save_pretrained(
+        folder, safe_serialization=False
+    )
     from safetensors.torch import load_file
 
     torch.save(load_file(single_file), root / "vae.ckpt")
@@ -470,14 +515,20 @@ def test_allow_pickle_loads_the_same_weights(kind, pickle_models, model_dir):
 
 
 def test_options_a_family_cannot_honour_are_errors(model_dir, png_shard, tmp_path, capsys):
-    cases = [("tiny", {"store_posterior": True}, "--store-posterior needs a model with a posterior"),
-             ("tiny", {"posterior": "sample"}, "--posterior sample needs a model with a posterior"),
-             ("kl-4ch", {"vq_output": "codes"}, "--vq-output codes needs a VQModel"),
-             ("vq", {"tiling": "diffusers", "tile_size": 32}, "--tiling diffusers needs a model diffusers can tile"),
-             ("tiny", {"tiling": "exact"}, "--tiling exact needs a VAE built from diffusers' Encoder/Decoder")]
+    cases = [
+        ("tiny", {"store_posterior": True}, "--store-posterior needs a model with a posterior"),
+        ("tiny", {"posterior": "sample"}, "--posterior sample needs a model with a posterior"),
+        ("kl-4ch", {"vq_output": "codes"}, "--vq-output codes needs a VQModel"),
+        ("vq", {"tiling": "diffusers", "tile_size": 32}, "--tiling diffusers needs a model diffusers can tile"),
+        ("tiny", {"tiling": "exact"}, "--tiling exact needs a VAE built from diffusers' Encoder/Decoder"),
+    ]
     for family, flags, message in cases:
-        assert encode(input=png_shard, output=tmp_path / family, model=model_dir(family, "scale"), resolution=SIZE,
-                      **flags) == 2
+        assert (
+            encode(
+                input=png_shard, output=tmp_path / family, model=model_dir(family, "scale"), resolution=SIZE, **flags
+            )
+            == 2
+        )
         assert message in capsys.readouterr().err
     with pytest.raises(ModelError, match="nothing.safetensors: no such file or directory"):
         load_vae(ModelSpec(model=str(tmp_path / "nothing.safetensors")))
@@ -528,8 +579,15 @@ def test_fp16_overflow_reruns_the_batch_in_fp32(fp16_overflow_model, flat_shard,
         x = pixels(flat_stack(list(SATURATED)))
         assert torch.isfinite(vae.encode(x).latent_dist.mean).all()
         assert not torch.isfinite(vae.half().encode(x.half()).latent_dist.mean).all()
-    out = runs("fp16-no-upcast", input=flat_shard, model=fp16_overflow_model, dtype="fp16", no_upcast=True,
-               store_dtype="fp32", batch_size=16)
+    out = runs(
+        "fp16-no-upcast",
+        input=flat_shard,
+        model=fp16_overflow_model,
+        dtype="fp16",
+        no_upcast=True,
+        store_dtype="fp32",
+        batch_size=16,
+    )
     m = manifest(out)
     assert m["precision"] == {"dtype": "fp16", "compute_dtype": "float16", "fp32_fallback": 4, "nonfinite": 0}
     assert m["counts"]["fp32_fallback"] == 4 and m["counts"]["written"] == 4
@@ -541,7 +599,9 @@ def test_fp16_overflow_reruns_the_batch_in_fp32(fp16_overflow_model, flat_shard,
 def test_force_upcast_and_rows_nonfinite_even_in_fp32(fp32_overflow_model, flat_shard, runs):
     """--dtype fp16 on a force_upcast model runs in fp32 (no fallback needed); rows that overflow fp32 too
     become error rows, counted in the manifest."""
-    out = runs("fp16-upcast", input=flat_shard, model=fp32_overflow_model, dtype="fp16", store_dtype="fp32", batch_size=16)
+    out = runs(
+        "fp16-upcast", input=flat_shard, model=fp32_overflow_model, dtype="fp16", store_dtype="fp32", batch_size=16
+    )
     m = manifest(out)
     assert m["precision"] == {"dtype": "fp16", "compute_dtype": "float32", "fp32_fallback": 0, "nonfinite": 2}
     assert m["counts"]["written"] == 2 and m["counts"]["failed"] == 2
@@ -561,8 +621,16 @@ def test_diffusers_tiling_runs_and_its_difference_is_reported(model_dir, tmp_pat
     path = tmp_path_factory.mktemp("large") / "shard-00000.tar"
     write_tar(path, [("large.png", png_bytes(image))])
     folder = model_dir("kl-4ch", "scale")
-    out = runs("tiled", input=path, model=folder, resolution=side, tiling="diffusers", tile_size=tile, tile_overlap=0.25,
-               store_dtype="fp32")
+    out = runs(
+        "tiled",
+        input=path,
+        model=folder,
+        resolution=side,
+        tiling="diffusers",
+        tile_size=tile,
+        tile_overlap=0.25,
+        store_dtype="fp32",
+    )
     _, tensors = cache_tensors(out)
     untiled = to_stored(direct(folder, image[None])["mean"], config_of(folder))
     assert tensors["latent"].shape == untiled.shape == (1, 4, side // 8, side // 8)

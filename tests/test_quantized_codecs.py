@@ -100,8 +100,12 @@ def test_fp8_rounding_is_torch_float8_e4m3fn():
 def test_dropping_rows_keeps_each_rows_params(fmt, name):
     x = latents_like(np.random.default_rng(5), n=4)
     codes, params = codec(name).encode(x)
-    part = PartData({"latent": codes}, {f"latent.{k}": v for k, v in params.items()},
-                    meta_table([{"key": f"k{i}", "shard": "s"} for i in range(4)]), name)
+    part = PartData(
+        {"latent": codes},
+        {f"latent.{k}": v for k, v in params.items()},
+        meta_table([{"key": f"k{i}", "shard": "s"} for i in range(4)]),
+        name,
+    )
     new, kept = drop_rows(FORMATS[fmt], FORMATS[fmt].write(part), [True, False, False, True])
     again = FORMATS[fmt].read(new)
     assert again.keys == ["k0", "k3"] == kept.keys
@@ -120,8 +124,13 @@ def test_dropping_rows_keeps_each_rows_params(fmt, name):
 @pytest.fixture(scope="module")
 def caches(ray_session, kl_model, shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("codecs")
-    common = dict(input=str(shards[0].parent / "shard-{00000..00001}.tar"), model=kl_model, resolution=64,
-                  batch_size=4, store_posterior=True)
+    common = dict(
+        input=str(shards[0].parent / "shard-{00000..00001}.tar"),
+        model=kl_model,
+        resolution=64,
+        batch_size=4,
+        store_posterior=True,
+    )
     runs = {"fp32": {}, "fp16": {}, "int8": {}, "fp8": {}, "int8-safetensors": dict(format="safetensors")}
     for name, extra in runs.items():
         assert encode(output=root / name, store_dtype=name.split("-")[0], **common, **extra) == 0
@@ -155,8 +164,9 @@ def test_torch_readers_dequantise_through_the_codec(caches, name):
     streamed = {r["key"]: r["latent"].numpy() for r in LatentDataset(str(caches[name]), shuffle=False)}
     assert_within_bound(streamed, reference, name.split("-")[0])
     mapped = LatentMapDataset(str(caches[name]))
-    assert_within_bound({mapped[i]["key"]: mapped[i]["latent"].numpy() for i in range(len(mapped))}, reference,
-                        name.split("-")[0])
+    assert_within_bound(
+        {mapped[i]["key"]: mapped[i]["latent"].numpy() for i in range(len(mapped))}, reference, name.split("-")[0]
+    )
     assert all(v.dtype == np.float32 for v in streamed.values())
 
 
@@ -268,8 +278,21 @@ def test_manifest_and_parts_record_the_formula_and_where_the_params_live(caches)
 def compared(caches, kl_model):
     """int8 (safetensors: Hugging Face does not read it, so its _audit/ folder is in nobody's way) vs fp32."""
     cache = caches["int8-safetensors"]
-    rc = main(["audit", "--cache", str(cache), "--compare", str(caches["fp32"]), "--model", str(kl_model),
-               "--sample", "5", "--decode-on", "driver"])
+    rc = main(
+        [
+            "audit",
+            "--cache",
+            str(cache),
+            "--compare",
+            str(caches["fp32"]),
+            "--model",
+            str(kl_model),
+            "--sample",
+            "5",
+            "--decode-on",
+            "driver",
+        ]
+    )
     return rc, json.loads((cache / "_audit" / "summary.json").read_text()), cache / "_audit"
 
 
@@ -305,15 +328,45 @@ def test_compare_is_in_the_html_report_and_the_printed_lines(compared, caches, k
     page = (out / "report.html").read_text()
     assert "Comparison with another cache" in page
     assert all(row["key"] in page for row in summary["compare"]["per_key"])
-    assert main(["audit", "--cache", str(caches["int8-safetensors"]), "--compare", str(caches["fp32"]),
-                 "--model", str(kl_model), "--sample", "0"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--cache",
+                str(caches["int8-safetensors"]),
+                "--compare",
+                str(caches["fp32"]),
+                "--model",
+                str(kl_model),
+                "--sample",
+                "0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "compare: int8 against fp32" in printed and "bytes per latent" in printed
 
 
 def test_compare_with_itself_is_exact(caches, kl_model, capsys):
-    assert main(["audit", "--cache", str(caches["fp16"]), "--compare", str(caches["fp16"]), "--model", str(kl_model),
-                 "--sample", "2", "--decode-on", "driver"]) == 0
+    assert (
+        main(
+            [
+                "audit",
+                "--cache",
+                str(caches["fp16"]),
+                "--compare",
+                str(caches["fp16"]),
+                "--model",
+                str(kl_model),
+                "--sample",
+                "2",
+                "--decode-on",
+                "driver",
+            ]
+        )
+        == 0
+    )
     assert "psnr_between: mean inf" in capsys.readouterr().out
     c = json.loads((caches["fp16"] / "_audit" / "summary.json").read_text())["compare"]
     assert all(r["latent_rel_l2"] == 0.0 and r["psnr_between"] == "inf" for r in c["per_key"])

@@ -18,17 +18,20 @@ from pathlib import Path
 import boto3
 import pytest
 
-from latentcache.samples import make_shards, make_vae
-
 from latentcache.cache.layout import META
+from latentcache.samples import make_shards, make_vae
 
 from .faultproxy import FaultProxy
 from .helpers import encode, errors, manifest, named_files, read_cache
 
 ENCODER_PROCESS = "ray::MapWorker(MapBatches(LatentEncoder))"
 # The encode subprocesses start their own small local Ray, never join one running on this machine.
-SUBPROCESS_ENV = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.01",
-                  "HF_HUB_OFFLINE": "1"}
+SUBPROCESS_ENV = {
+    **os.environ,
+    "RAY_ADDRESS": "local",
+    "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.01",
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 # ---- processes ------------------------------------------------------------------------------
@@ -73,14 +76,20 @@ class EncodeProcess:
             argv += ["--" + name.replace("_", "-"), str(value)]
         self.log = log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(argv, env={**SUBPROCESS_ENV, **(env or {})}, stdout=out,
-                                         stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                env={**SUBPROCESS_ENV, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def wait_for(self, condition, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while not condition():
-            assert self.proc.poll() is None, f"encode exited ({self.proc.returncode}) early:\n{self.log.read_text()[-3000:]}"
+            assert self.proc.poll() is None, (
+                f"encode exited ({self.proc.returncode}) early:\n{self.log.read_text()[-3000:]}"
+            )
             assert time.time() < deadline, "timed out waiting for the run"
             time.sleep(0.1)
 
@@ -114,7 +123,9 @@ def assert_exactly_once(out: Path, keys: set[str]) -> dict:
     cached = read_cache(out).column("key").to_pylist()
     assert sorted(cached) == sorted(keys), "every key exactly once"
     c = m["counts"]
-    assert c["input"] == c["written"] + c["failed"] and c["written"] == len(keys) and c["failed"] == errors(out).num_rows
+    assert (
+        c["input"] == c["written"] + c["failed"] and c["written"] == len(keys) and c["failed"] == errors(out).num_rows
+    )
     assert_no_leftovers(out, m)
     return m
 
@@ -141,8 +152,14 @@ def shard_keys(shards: list[Path], per_shard: int = 6) -> set[str]:
 
 def test_driver_sigkilled_twice_then_resume_is_exactly_once(small_shards, kl_model, tmp_path):
     out = tmp_path / "out"
-    flags = dict(input=small_shards[0].parent / "shard-{00000..00003}.tar", output=out, model=kl_model,
-                 resolution=64, batch_size=2, store_dtype="fp32")
+    flags = dict(
+        input=small_shards[0].parent / "shard-{00000..00003}.tar",
+        output=out,
+        model=kl_model,
+        resolution=64,
+        batch_size=2,
+        store_dtype="fp32",
+    )
     log = tmp_path / "encode.log"
 
     early = EncodeProcess(log, **flags)  # very early: the output is claimed, no shard started
@@ -198,8 +215,14 @@ def worker_fault_run(ray_session, small_shards, kl_model, tmp_path_factory):
 
     watcher = threading.Thread(target=kill_encoder_once_busy, daemon=True)
     watcher.start()
-    rc = encode(input=small_shards[0].parent / "shard-{00000..00003}.tar", output=out, model=kl_model,
-                resolution=64, batch_size=2, store_dtype="fp32")
+    rc = encode(
+        input=small_shards[0].parent / "shard-{00000..00003}.tar",
+        output=out,
+        model=kl_model,
+        resolution=64,
+        batch_size=2,
+        store_dtype="fp32",
+    )
     watcher.join(5)
     return out, rc, killed
 
@@ -257,8 +280,9 @@ def s3_objects(bucket: str, endpoint: str, prefix: str) -> dict[str, bytes]:
     return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
 
 
-def test_storage_faults_are_retried_and_a_failing_shard_is_reported(ray_session, s3, s3_server, small_shards,
-                                                                     kl_model, tmp_path, capsys):
+def test_storage_faults_are_retried_and_a_failing_shard_is_reported(
+    ray_session, s3, s3_server, small_shards, kl_model, tmp_path, capsys
+):
     bucket, options = s3
     client = boto3.client("s3", endpoint_url=s3_server)
     for path in small_shards[:3]:
@@ -266,8 +290,14 @@ def test_storage_faults_are_retried_and_a_failing_shard_is_reported(ray_session,
     with FaultProxy(s3_server, rate=0.25, seed=3) as proxy:
         # botocore's own retries off, so that the faults reach latentcache's retries
         faulty = {**options, "endpoint_url": proxy.endpoint, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
-        flags = dict(input=f"s3://{bucket}/in/shard-{{00000..00002}}.tar", output=f"s3://{bucket}/cache", model=kl_model,
-                     resolution=64, batch_size=4, storage_options=faulty)
+        flags = dict(
+            input=f"s3://{bucket}/in/shard-{{00000..00002}}.tar",
+            output=f"s3://{bucket}/cache",
+            model=kl_model,
+            resolution=64,
+            batch_size=4,
+            storage_options=faulty,
+        )
         proxy.outage.add("/in/shard-00001.tar")  # this shard's object fails every time
         assert encode(**flags) == 3
         first = json.loads(s3_objects(bucket, s3_server, MANIFEST)[MANIFEST])
@@ -311,8 +341,10 @@ def overlapping_shards(tmp_path_factory) -> tuple[Path, set[str]]:
     folder = tmp_path_factory.mktemp("crash-shards")
     rng = np.random.default_rng(0)
     for s, keys in enumerate([["k0", "k1"], ["k2", "k3"], ["k0", "k4"]]):
-        write_tar(folder / f"shard-{s:05d}.tar",
-                  [(f"{k}.png", png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))) for k in keys])
+        write_tar(
+            folder / f"shard-{s:05d}.tar",
+            [(f"{k}.png", png_bytes(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))) for k in keys],
+        )
     return folder / "shard-{00000..00002}.tar", {f"k{i}" for i in range(5)}
 
 
@@ -327,8 +359,9 @@ def visible_files(out: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("step", CRASH_STEPS)
-def test_driver_sigkilled_at_each_protocol_step_then_rerun_is_exactly_once(step, overlapping_shards, ray_session,
-                                                                           kl_model, tmp_path):
+def test_driver_sigkilled_at_each_protocol_step_then_rerun_is_exactly_once(
+    step, overlapping_shards, ray_session, kl_model, tmp_path
+):
     source, keys = overlapping_shards
     out, log = tmp_path / "out", tmp_path / "encode.log"
     flags = dict(input=source, output=out, model=kl_model, resolution=32, store_dtype="fp32")

@@ -54,8 +54,17 @@ def assert_matches(doc: dict, raw: np.ndarray, rtol: float) -> None:
 
 
 def encoded_table(stored: np.ndarray, shards: list[str], start: int) -> pa.Table:
-    rows = [{"key": f"k{start + i}", "shard": shards[i], "index": start + i, "latent": stored[i].tobytes(),
-             "latent_shape": list(stored.shape[1:]), "store_dtype": "fp32"} for i in range(len(stored))]
+    rows = [
+        {
+            "key": f"k{start + i}",
+            "shard": shards[i],
+            "index": start + i,
+            "latent": stored[i].tobytes(),
+            "latent_shape": list(stored.shape[1:]),
+            "store_dtype": "fp32",
+        }
+        for i in range(len(stored))
+    ]
     return pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA)
 
 
@@ -63,8 +72,9 @@ def merged(stored: np.ndarray, shards: list[str], cuts: list[int], space: Latent
     acc = Accumulator(head=5, sample_size=100, rank={"a": 0, "b": 1})
     bounds = list(zip([0, *cuts], [*cuts, len(stored)]))
     for lo, hi in (bounds[i] for i in order):
-        table = block_partials(encoded_table(stored[lo:hi], shards[lo:hi], lo), space=space.to_dict(), head=5,
-                               sample_size=100, seed=0)
+        table = block_partials(
+            encoded_table(stored[lo:hi], shards[lo:hi], lo), space=space.to_dict(), head=5, sample_size=100, seed=0
+        )
         for row in table.to_pylist():
             acc.add(Partial.from_row(row))
     return acc
@@ -73,7 +83,7 @@ def merged(stored: np.ndarray, shards: list[str], cuts: list[int], space: Latent
 def test_map_stage_is_exact_against_numpy_for_two_partitionings():
     rng = np.random.default_rng(0)
     # A large offset and small spread per channel: naive sum-of-squares would lose digits here.
-    raw = (rng.normal(size=(60, 4, 8, 8)) * [[[0.02]], [[0.5]], [[3.0]], [[0.1]]] + [[[40.0]], [[-3]], [[0]], [[7]]])
+    raw = rng.normal(size=(60, 4, 8, 8)) * [[[0.02]], [[0.5]], [[3.0]], [[0.1]]] + [[[40.0]], [[-3]], [[0]], [[7]]]
     space = LatentSpace(convention="shift_scale", scaling_factor=0.3, shift_factor=1.5)
     stored = space.to_model(raw).astype(np.float32)
     expected = space.to_raw(stored.astype(np.float64))
@@ -90,7 +100,9 @@ def test_map_stage_is_exact_against_numpy_for_two_partitionings():
         assert acc.rows == 60 and int(pooled.count[0]) == expected.size
         # the first batch is the first rows of the first shard, whatever order blocks arrived in
         first_rows = [i for i in range(60) if shards[i] == "a"][:5]
-        np.testing.assert_allclose(merge_all(m for _, m in acc.head).mean, expected[first_rows].mean(axis=(0, 2, 3)), rtol=1e-9)
+        np.testing.assert_allclose(
+            merge_all(m for _, m in acc.head).mean, expected[first_rows].mean(axis=(0, 2, 3)), rtol=1e-9
+        )
     assert sorted(first.units) == ["a", "b"]
 
 
@@ -99,8 +111,11 @@ def test_resampled_merge_equals_chan_merge_of_the_same_units():
     units = [Moments.of(rng.normal(3 + i, 1 + i / 10, size=(5, 2, 4, 4))).pooled() for i in range(6)]
     idx = np.array([0, 0, 3, 5, 5, 5])
     centre = 4.0
-    n, offset, m2 = resampled(np.array([u.count[0] for u in units], float)[idx],
-                              np.array([u.mean[0] for u in units])[idx] - centre, np.array([u.m2[0] for u in units])[idx])
+    n, offset, m2 = resampled(
+        np.array([u.count[0] for u in units], float)[idx],
+        np.array([u.mean[0] for u in units])[idx] - centre,
+        np.array([u.m2[0] for u in units])[idx],
+    )
     expected = merge_all(units[i] for i in idx)
     assert n == expected.count[0]
     assert centre + offset == pytest.approx(expected.mean[0], rel=1e-12)
@@ -227,8 +242,24 @@ def test_cache_mode_reads_and_writes_object_storage(cache_doc, caches, s3, capsy
     bucket, options = s3
     fs, path = storage.url_to_fs(f"s3://{bucket}/cache", options)
     fs.put(str(caches["scale"]) + "/", path, recursive=True)
-    assert main(["stats", "--cache", f"s3://{bucket}/cache", "--output", f"s3://{bucket}/stats.json", "--batch-size", "4",
-                 "--plot", f"s3://{bucket}/stats.png", "--storage-options", json.dumps(options)]) == 0
+    assert (
+        main(
+            [
+                "stats",
+                "--cache",
+                f"s3://{bucket}/cache",
+                "--output",
+                f"s3://{bucket}/stats.json",
+                "--batch-size",
+                "4",
+                "--plot",
+                f"s3://{bucket}/stats.png",
+                "--storage-options",
+                json.dumps(options),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(storage.read_bytes(f"s3://{bucket}/stats.json", options))
     reference, _ = cache_doc
     for name in ("channel_mean", "channel_std", "suggested", "confidence_interval", "first_batch"):
@@ -238,8 +269,20 @@ def test_cache_mode_reads_and_writes_object_storage(cache_doc, caches, s3, capsy
 
 
 def test_corpus_mode_agrees_with_cache_mode(ray_session, kl_model, corpus, caches, tmp_path):
-    doc = stats(tmp_path, "corpus", "--input", corpus, "--model", str(kl_model), "--resolution", "64",
-                "--rows-per-block", "2", "--batch-size", "3")
+    doc = stats(
+        tmp_path,
+        "corpus",
+        "--input",
+        corpus,
+        "--model",
+        str(kl_model),
+        "--resolution",
+        "64",
+        "--rows-per-block",
+        "2",
+        "--batch-size",
+        "3",
+    )
     raw, _, _ = raw_of(caches["scale"])
     assert doc["mode"] == "corpus" and doc["sampling"]["method"] == "all rows" and doc["shards"] == 3
     assert_matches(doc, raw, rtol=1e-6)
@@ -248,8 +291,20 @@ def test_corpus_mode_agrees_with_cache_mode(ray_session, kl_model, corpus, cache
 
 def test_max_samples_is_a_uniform_sample_over_all_shards(ray_session, kl_model, corpus, caches, tmp_path):
     # 6 rows from shards of 5: the sample spans shards whatever the (path-dependent) priorities are
-    doc = stats(tmp_path, "max", "--input", corpus, "--model", str(kl_model), "--resolution", "64", "--max-samples", "6",
-                "--seed", "11")
+    doc = stats(
+        tmp_path,
+        "max",
+        "--input",
+        corpus,
+        "--model",
+        str(kl_model),
+        "--resolution",
+        "64",
+        "--max-samples",
+        "6",
+        "--seed",
+        "11",
+    )
     raw, keys, shards = raw_of(caches["scale"])
     u = np.array([row_priority(11, s, k) for s, k in zip(shards, keys)])
     chosen = np.argsort(u)[:6]
@@ -259,13 +314,29 @@ def test_max_samples_is_a_uniform_sample_over_all_shards(ray_session, kl_model, 
 
 
 def test_sample_fraction_and_posterior_sample(ray_session, kl_model, corpus, caches, tmp_path):
-    doc = stats(tmp_path, "fraction", "--input", corpus, "--model", str(kl_model), "--resolution", "64",
-                "--sample-fraction", "0.6", "--posterior", "sample", "--seed", "2")
+    doc = stats(
+        tmp_path,
+        "fraction",
+        "--input",
+        corpus,
+        "--model",
+        str(kl_model),
+        "--resolution",
+        "64",
+        "--sample-fraction",
+        "0.6",
+        "--posterior",
+        "sample",
+        "--seed",
+        "2",
+    )
     _, keys, shards = raw_of(caches["scale"])
     kept = [i for i, (s, k) in enumerate(zip(shards, keys)) if row_priority(2, s, k) < 0.6]
     assert doc["images"] == len(kept) and 0 < len(kept) < len(keys) and doc["posterior"] == "sample"
     # the cache stored the posterior: cache mode draws the same per-key samples as the encoder does
-    from_cache = stats(tmp_path, "cache_sample", "--cache", str(caches["scale"]), "--posterior", "sample", "--seed", "2")
+    from_cache = stats(
+        tmp_path, "cache_sample", "--cache", str(caches["scale"]), "--posterior", "sample", "--seed", "2"
+    )
     raw_sample = posterior_samples(caches["scale"], seed=2)
     assert from_cache["posterior"] == "sample" and from_cache["std"] > raw_of(caches["scale"])[0].std()
     assert_matches(from_cache, raw_sample, rtol=1e-9)
@@ -275,17 +346,22 @@ def test_sample_fraction_and_posterior_sample(ray_session, kl_model, corpus, cac
 def posterior_samples(cache_dir, seed: int) -> np.ndarray:
     """mean + std * noise per key, from the stored posterior, with encode's own per-key noise."""
     mean, keys, _ = raw_of(cache_dir, "posterior_mean")
-    std = raw_of(cache_dir, "posterior_std")[0]  # under the "scale" convention (no offset) to_raw of a std is std / scale
+    std = raw_of(cache_dir, "posterior_std")[
+        0
+    ]  # under the "scale" convention (no offset) to_raw of a std is std / scale
     return mean + std * per_key_noise(keys, mean.shape[1:], seed).numpy()
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "either --cache"),
-    (["--input", "x.tar"], "--input needs --model"),
-    (["--cache", "nowhere"], "no __latentcache__/manifest.json"),
-    (["--cache", "c", "--max-samples", "3"], "apply to a raw corpus"),
-    (["--input", "x.tar", "--model", "m", "--sample-fraction", "1.5"], "(0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "either --cache"),
+        (["--input", "x.tar"], "--input needs --model"),
+        (["--cache", "nowhere"], "no __latentcache__/manifest.json"),
+        (["--cache", "c", "--max-samples", "3"], "apply to a raw corpus"),
+        (["--input", "x.tar", "--model", "m", "--sample-fraction", "1.5"], "(0, 1]"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert main(["stats", "-q", "--output", str(tmp_path / "s.json"), *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -293,6 +369,19 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
 
 
 def test_posterior_the_cache_cannot_give_is_refused(caches, capsys, tmp_path):
-    assert main(["stats", "-q", "--cache", str(caches["shift"]), "--posterior", "sample",
-                 "--output", str(tmp_path / "s.json")]) == 2
+    assert (
+        main(
+            [
+                "stats",
+                "-q",
+                "--cache",
+                str(caches["shift"]),
+                "--posterior",
+                "sample",
+                "--output",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 2
+    )
     assert "--store-posterior" in capsys.readouterr().err

@@ -43,16 +43,25 @@ def inputs(corpus, tmp_path_factory) -> dict[str, Path]:
     members = [m for k, (img, cap) in corpus.items() for m in ((f"{k}.png", img), (f"{k}.txt", cap.encode()))]
     write_tar(root / "tars" / "shard-00000.tar", members)
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image() on disk
-    table = pa.table({"id": list(corpus), "jpg": pa.array([{"bytes": img, "path": None} for img, _ in corpus.values()], image_type),
-                      "text": [cap for _, cap in corpus.values()], "url": [f"https://example.com/{k}" for k in corpus]})
+    table = pa.table(
+        {
+            "id": list(corpus),
+            "jpg": pa.array([{"bytes": img, "path": None} for img, _ in corpus.values()], image_type),
+            "text": [cap for _, cap in corpus.values()],
+            "url": [f"https://example.com/{k}" for k in corpus],
+        }
+    )
     (root / "parquet").mkdir()
     pq.write_table(table, root / "parquet" / "laion-part-7.parquet")
     for key, (img, cap) in corpus.items():
         (root / "folder" / key).parent.mkdir(parents=True, exist_ok=True)
         (root / "folder" / f"{key}.png").write_bytes(img)
         (root / "folder" / f"{key}.txt").write_text(cap)
-    return {"tar": root / "tars" / "shard-00000.tar", "parquet": root / "parquet" / "laion-part-7.parquet",
-            "folder": root / "folder"}
+    return {
+        "tar": root / "tars" / "shard-00000.tar",
+        "parquet": root / "parquet" / "laion-part-7.parquet",
+        "folder": root / "folder",
+    }
 
 
 PARQUET_FLAGS = dict(image_column="jpg", key_column="id", caption_column="text")
@@ -66,14 +75,18 @@ def tar_cache(ray_session, kl_model, inputs, tmp_path_factory) -> Path:
 
 
 def by_key(table: pa.Table) -> dict[str, tuple[np.ndarray, str]]:
-    return {k: (lat, cap) for k, lat, cap in zip(table.column("key").to_pylist(), latents(table),
-                                                  table.column("caption").to_pylist())}
+    return {
+        k: (lat, cap)
+        for k, lat, cap in zip(table.column("key").to_pylist(), latents(table), table.column("caption").to_pylist())
+    }
 
 
 @pytest.mark.parametrize("fmt, name", [("parquet", "laion-part-7"), ("folder", "part-00000")])
 def test_parquet_and_folder_inputs_give_the_tar_latents(fmt, name, tar_cache, inputs, corpus, kl_model, tmp_path):
     out = tmp_path / "cache"
-    assert encode(input=inputs[fmt], output=out, model=kl_model, **RUN, **(PARQUET_FLAGS if fmt == "parquet" else {})) == 0
+    assert (
+        encode(input=inputs[fmt], output=out, model=kl_model, **RUN, **(PARQUET_FLAGS if fmt == "parquet" else {})) == 0
+    )
     got, want = by_key(read_cache(out)), by_key(read_cache(tar_cache))
     assert sorted(got) == sorted(want) == sorted(corpus)
     for key, (latent, caption) in got.items():
@@ -83,12 +96,15 @@ def test_parquet_and_folder_inputs_give_the_tar_latents(fmt, name, tar_cache, in
     assert manifest(out)["config"]["input_format"] == "auto" and manifest(out)["counts"]["written"] == len(corpus)
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({}, "image column 'image' not found; columns are id, jpg, text, url (use --image-column)"),
-    ({"image_column": "jpg", "key_column": "uid"}, "key column 'uid' not found (use --key-column)"),
-    ({"image_column": "jpg", "caption_column": "caption_text"}, "caption column 'caption_text' not found"),
-    ({"image_column": "url"}, "image column 'url' holds string, not image bytes"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({}, "image column 'image' not found; columns are id, jpg, text, url (use --image-column)"),
+        ({"image_column": "jpg", "key_column": "uid"}, "key column 'uid' not found (use --key-column)"),
+        ({"image_column": "jpg", "caption_column": "caption_text"}, "caption column 'caption_text' not found"),
+        ({"image_column": "url"}, "image column 'url' holds string, not image bytes"),
+    ],
+)
 def test_missing_parquet_column_is_one_line_error_before_any_work(flags, message, inputs, kl_model, tmp_path, capsys):
     out = tmp_path / "cache"
     assert encode(input=inputs["parquet"], output=out, model=kl_model, **RUN, **flags) == 2
@@ -127,13 +143,23 @@ def ray_log_text() -> bytes:
     return b"".join(p.read_bytes() for p in logs.rglob("*") if p.is_file())
 
 
-def test_s3_round_trip_matches_local_byte_for_byte_and_keeps_the_secret(s3, s3_server, tar_cache, inputs, kl_model, capfd):
+def test_s3_round_trip_matches_local_byte_for_byte_and_keeps_the_secret(
+    s3, s3_server, tar_cache, inputs, kl_model, capfd
+):
     bucket, options = s3
     secret = f"lc-secret-{uuid.uuid4().hex}"  # unique: found anywhere, it leaked from this test
     options = {**options, "secret": secret}
     storage.write_bytes(f"s3://{bucket}/in/shard-00000.tar", inputs["tar"].read_bytes(), options)
-    assert encode(input=f"s3://{bucket}/in/shard-{{00000..00000}}.tar", output=f"s3://{bucket}/cache",
-                  model=kl_model, storage_options=options, **RUN) == 0
+    assert (
+        encode(
+            input=f"s3://{bucket}/in/shard-{{00000..00000}}.tar",
+            output=f"s3://{bucket}/cache",
+            model=kl_model,
+            storage_options=options,
+            **RUN,
+        )
+        == 0
+    )
     objects = s3_objects(s3_server, bucket)
     meta = f"cache/{META}"
     assert {f"{meta}/manifest.json", f"{meta}/stats.json"} <= set(objects)
@@ -154,12 +180,26 @@ def test_s3_round_trip_matches_local_byte_for_byte_and_keeps_the_secret(s3, s3_s
 def test_s3_errors_are_one_line_without_the_secret(s3, kl_model, capsys):
     bucket, options = s3
     options = {**options, "secret": "lc-secret-in-an-error"}
-    assert encode(input=f"s3://{bucket}/nothing/shard-{{0..2}}.tar", output=f"s3://{bucket}/cache",
-                  model=kl_model, storage_options=options) == 2
+    assert (
+        encode(
+            input=f"s3://{bucket}/nothing/shard-{{0..2}}.tar",
+            output=f"s3://{bucket}/cache",
+            model=kl_model,
+            storage_options=options,
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "input not found: s3://" in err and "\n" not in err and "lc-secret" not in err
-    assert encode(input=f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x.tar", output=f"s3://{bucket}/cache",
-                  model=kl_model, storage_options=options) == 2
+    assert (
+        encode(
+            input=f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x.tar",
+            output=f"s3://{bucket}/cache",
+            model=kl_model,
+            storage_options=options,
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("latentcache: error:") and "\n" not in err and "lc-secret" not in err
 

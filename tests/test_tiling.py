@@ -258,8 +258,19 @@ def test_encode_cli_exact_tiling_equals_untiled(ray_session, kl_model, tmp_path)
     stored = {}
     for mode, extra in (("none", {}), ("exact", {}), ("auto", {"tile_threshold": 64 * 64})):
         out = tmp_path / mode
-        assert encode(input=shard, output=out, model=kl_model, resolution=128, store_dtype="fp32",
-                      tiling=mode, band_mb=0.05, **extra) == 0
+        assert (
+            encode(
+                input=shard,
+                output=out,
+                model=kl_model,
+                resolution=128,
+                store_dtype="fp32",
+                tiling=mode,
+                band_mb=0.05,
+                **extra,
+            )
+            == 0
+        )
         stored[mode] = latents(read_cache(out))
     for mode in ("exact", "auto"):
         assert rel_l2(torch.from_numpy(stored[mode]), torch.from_numpy(stored["none"])) <= 1e-5

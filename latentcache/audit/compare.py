@@ -47,23 +47,29 @@ def stored_bytes(cache: Cache) -> int:
 
 def latent_metrics(this: np.ndarray, other: np.ndarray) -> dict[str, float]:
     diff = this - other
-    return {"latent_rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(other), 1e-30)),
-            "latent_max_abs": float(np.abs(diff).max())}
+    return {
+        "latent_rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(other), 1e-30)),
+        "latent_max_abs": float(np.abs(diff).max()),
+    }
 
 
 def image_metrics(pair: Pair, other_image: np.ndarray) -> dict[str, float | None]:
     """Between the two decodes, and each decode's score against the source (when it was rebuilt)."""
-    out: dict[str, float | None] = {"psnr_between": psnr(other_image, pair.reconstruction),
-                                    "ssim_between": ssim(other_image, pair.reconstruction),
-                                    "psnr_delta": None, "ssim_delta": None}
+    out: dict[str, float | None] = {
+        "psnr_between": psnr(other_image, pair.reconstruction),
+        "ssim_between": ssim(other_image, pair.reconstruction),
+        "psnr_delta": None,
+        "ssim_delta": None,
+    }
     if pair.status == "ok":
         out["psnr_delta"] = psnr(pair.original, pair.reconstruction) - psnr(pair.original, other_image)
         out["ssim_delta"] = ssim(pair.original, pair.reconstruction) - ssim(pair.original, other_image)
     return out
 
 
-def decode_other(cfg: AuditConfig, cache: Cache, spec: ModelSpec | None, latents: dict[str, np.ndarray],
-                 recon: Reconstruction) -> dict[str, np.ndarray]:
+def decode_other(
+    cfg: AuditConfig, cache: Cache, spec: ModelSpec | None, latents: dict[str, np.ndarray], recon: Reconstruction
+) -> dict[str, np.ndarray]:
     """The other cache's latents decoded like this cache's sample was (nothing when it was not decoded)."""
     keys = [p.key for p in recon.pairs if p.key in latents]
     if spec is None or not keys:
@@ -72,8 +78,13 @@ def decode_other(cfg: AuditConfig, cache: Cache, spec: ModelSpec | None, latents
     return DECODE_PLACES[decode_where(cfg)](raw, spec, cfg, recorded_config(cache.manifest).tile_threshold)
 
 
-def compare_rows(keys: list[str], this: dict[str, np.ndarray], other: dict[str, np.ndarray],
-                 pairs: dict[str, Pair], images: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+def compare_rows(
+    keys: list[str],
+    this: dict[str, np.ndarray],
+    other: dict[str, np.ndarray],
+    pairs: dict[str, Pair],
+    images: dict[str, np.ndarray],
+) -> list[dict[str, Any]]:
     rows = []
     for key in keys:
         row: dict[str, Any] = {"key": key, **dict.fromkeys(METRICS)}
@@ -89,8 +100,9 @@ def compare_rows(keys: list[str], this: dict[str, np.ndarray], other: dict[str, 
     return rows
 
 
-def compare_caches(cfg: AuditConfig, cache: Cache, keys: list[str], spec: ModelSpec | None,
-                   recon: Reconstruction, findings: Findings) -> dict[str, Any] | None:
+def compare_caches(
+    cfg: AuditConfig, cache: Cache, keys: list[str], spec: ModelSpec | None, recon: Reconstruction, findings: Findings
+) -> dict[str, Any] | None:
     """summary["compare"]: per-key rows and their distributions (None without --compare)."""
     if not cfg.compare:
         return None
@@ -101,14 +113,20 @@ def compare_caches(cfg: AuditConfig, cache: Cache, keys: list[str], spec: ModelS
     images = decode_other(cfg, cache, spec, other_latents, recon)
     rows = compare_rows(keys, this_latents, other_latents, {p.key: p for p in recon.pairs}, images)
     ok = [r for r in rows if r["status"] == "ok"]
-    return {"other": cfg.compare, "store_dtype": cache.manifest.get("store_dtype"),
-            "other_store_dtype": other.manifest.get("store_dtype"), "codec": cache.manifest.get("codec"),
-            "space": "raw latents (the latent-space convention undone), other = reference",
-            "keys": len(rows), "compared": len(ok),
-            "missing_in_other": sum(r["status"] == "missing_in_other" for r in rows),
-            "bytes_per_latent": bytes_per_latent(cache), "other_bytes_per_latent": bytes_per_latent(other),
-            "metrics": {name: distribution([r[name] for r in ok if r[name] is not None]) for name in METRICS},
-            "per_key": [{k: json_number(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows]}
+    return {
+        "other": cfg.compare,
+        "store_dtype": cache.manifest.get("store_dtype"),
+        "other_store_dtype": other.manifest.get("store_dtype"),
+        "codec": cache.manifest.get("codec"),
+        "space": "raw latents (the latent-space convention undone), other = reference",
+        "keys": len(rows),
+        "compared": len(ok),
+        "missing_in_other": sum(r["status"] == "missing_in_other" for r in rows),
+        "bytes_per_latent": bytes_per_latent(cache),
+        "other_bytes_per_latent": bytes_per_latent(other),
+        "metrics": {name: distribution([r[name] for r in ok if r[name] is not None]) for name in METRICS},
+        "per_key": [{k: json_number(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
+    }
 
 
 def bytes_per_latent(cache: Cache) -> float | None:
@@ -120,8 +138,10 @@ def compare_lines(comparison: dict[str, Any] | None) -> list[str]:
     """What the CLI prints about --compare."""
     if not comparison:
         return []
-    lines = [f"compare: {comparison['store_dtype']} against {comparison['other_store_dtype']} ({comparison['other']}), "
-             f"{comparison['compared']} of {comparison['keys']} sampled keys"]
+    lines = [
+        f"compare: {comparison['store_dtype']} against {comparison['other_store_dtype']} ({comparison['other']}), "
+        f"{comparison['compared']} of {comparison['keys']} sampled keys"
+    ]
     for name, dist in comparison["metrics"].items():
         if dist:
             lines.append("  " + name + ": " + "  ".join(f"{k} {number(dist[k])}" for k in ("mean", "median", "max")))

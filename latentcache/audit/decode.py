@@ -69,11 +69,12 @@ def shape_batches(latents: dict[str, np.ndarray], size: int) -> list[list[str]]:
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for key, z in latents.items():
         by_shape.setdefault(z.shape, []).append(key)
-    return [keys[i:i + size] for keys in by_shape.values() for i in range(0, len(keys), size)]
+    return [keys[i : i + size] for keys in by_shape.values() for i in range(0, len(keys), size)]
 
 
-def decode_on_driver(latents: dict[str, np.ndarray], model: ModelSpec, cfg: AuditConfig,
-                     threshold: int) -> dict[str, np.ndarray]:
+def decode_on_driver(
+    latents: dict[str, np.ndarray], model: ModelSpec, cfg: AuditConfig, threshold: int
+) -> dict[str, np.ndarray]:
     decoder = Decoder(model=model, tiling=cfg.decode_tiling, threshold=threshold)
     out: dict[str, np.ndarray] = {}
     for keys in shape_batches(latents, cfg.decode_batch):
@@ -81,8 +82,9 @@ def decode_on_driver(latents: dict[str, np.ndarray], model: ModelSpec, cfg: Audi
     return out
 
 
-def decode_job(latents: dict[str, np.ndarray], model: ModelSpec, cfg: AuditConfig,
-               threshold: int) -> dict[str, np.ndarray]:
+def decode_job(
+    latents: dict[str, np.ndarray], model: ModelSpec, cfg: AuditConfig, threshold: int
+) -> dict[str, np.ndarray]:
     """Ray wiring, kept apart: one decoder actor per GPU (one CPU actor without GPUs), batches spread over them."""
     import ray  # Ray (and the pipeline that starts it) only where work is placed on it
     from ray.util import ActorPool

@@ -14,8 +14,12 @@ from ..models import ModelError, ModelSpec, latent_space_for, load_vae, weights_
 from .config import AuditConfig
 from .findings import Findings
 
-IDENTITY_KINDS = {"model_sha256": "model_mismatch", "model_class": "model_mismatch",
-                  "latent_space": "latent_space_mismatch", "preprocess": "preprocess_mismatch"}
+IDENTITY_KINDS = {
+    "model_sha256": "model_mismatch",
+    "model_class": "model_mismatch",
+    "latent_space": "latent_space_mismatch",
+    "preprocess": "preprocess_mismatch",
+}
 
 
 def recorded_config(manifest: dict[str, Any], **overrides: Any) -> EncodeConfig:
@@ -31,9 +35,15 @@ def expected_identity(cfg: AuditConfig, manifest: dict[str, Any], vae: Any, fami
     # the run identity belongs to the cache contract (cache/records.py) once that exists.
     from ..pipeline import identity
 
-    overrides = {"model": cfg.model or manifest["model"], "model_class": cfg.model_class,
-                 "model_config": cfg.model_config, "allow_pickle": cfg.allow_pickle}
-    enc = recorded_config(manifest, **overrides, **({"resolution": cfg.resolution} if cfg.resolution is not None else {}))
+    overrides = {
+        "model": cfg.model or manifest["model"],
+        "model_class": cfg.model_class,
+        "model_config": cfg.model_config,
+        "allow_pickle": cfg.allow_pickle,
+    }
+    enc = recorded_config(
+        manifest, **overrides, **({"resolution": cfg.resolution} if cfg.resolution is not None else {})
+    )
     ident = identity(enc, weights_sha256(enc.model), family, latent_space_for(vae, enc).to_dict())
     return json.loads(json.dumps(ident))  # tuples -> lists, as the manifest stores them
 
@@ -41,29 +51,35 @@ def expected_identity(cfg: AuditConfig, manifest: dict[str, Any], vae: Any, fami
 def check_identity(cfg: AuditConfig, manifest: dict[str, Any], vae: Any, family: str, findings: Findings) -> None:
     expected = expected_identity(cfg, manifest, vae, family)
     for key in identity_diff(manifest, expected):
-        findings.fail(IDENTITY_KINDS.get(key, "config_mismatch"),
-                      f"{key}: cache has {json.dumps(manifest.get(key), sort_keys=True)}, "
-                      f"{cfg.model or manifest['model']} gives {json.dumps(expected.get(key), sort_keys=True)}")
+        findings.fail(
+            IDENTITY_KINDS.get(key, "config_mismatch"),
+            f"{key}: cache has {json.dumps(manifest.get(key), sort_keys=True)}, "
+            f"{cfg.model or manifest['model']} gives {json.dumps(expected.get(key), sort_keys=True)}",
+        )
     findings.checks.append("model_identity")
 
 
 def model_spec(cfg: AuditConfig, manifest: dict[str, Any], findings: Findings) -> ModelSpec | None:
     """--model, else the recorded model while it still exists (a hub id only from the local cache)."""
     if cfg.model:
-        return ModelSpec(model=cfg.model, model_class=cfg.model_class, model_config=cfg.model_config,
-                         allow_pickle=cfg.allow_pickle)
+        return ModelSpec(
+            model=cfg.model, model_class=cfg.model_class, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle
+        )
     recorded = manifest.get("model")
     if recorded and (os.path.exists(recorded) or weights_sha256(recorded)):
         findings.notes.append(f"no --model given: using the model recorded in the manifest, {recorded}")
-        return ModelSpec(model=recorded, model_class=cfg.model_class, model_config=cfg.model_config,
-                         allow_pickle=cfg.allow_pickle)
-    findings.notes.append(f"no --model given and the recorded model {recorded} is not available: "
-                          "model check and reconstruction skipped")
+        return ModelSpec(
+            model=recorded, model_class=cfg.model_class, model_config=cfg.model_config, allow_pickle=cfg.allow_pickle
+        )
+    findings.notes.append(
+        f"no --model given and the recorded model {recorded} is not available: model check and reconstruction skipped"
+    )
     return None
 
 
-def check_model(cfg: AuditConfig, manifest: dict[str, Any], spec: ModelSpec | None,
-                findings: Findings) -> ModelSpec | None:
+def check_model(
+    cfg: AuditConfig, manifest: dict[str, Any], spec: ModelSpec | None, findings: Findings
+) -> ModelSpec | None:
     """The stale-cache check; returns the spec to decode with, or None when the model is unusable."""
     if spec is None:
         return None

@@ -16,8 +16,12 @@ from .integrity import CacheScan, check_input_keys
 
 
 def source_options(cfg: AuditConfig, enc: EncodeConfig) -> SourceOptions:
-    return SourceOptions(storage_options=cfg.storage_options, image_column=enc.image_column,
-                         key_column=enc.key_column, caption_column=enc.caption_column)
+    return SourceOptions(
+        storage_options=cfg.storage_options,
+        image_column=enc.image_column,
+        key_column=enc.key_column,
+        caption_column=enc.caption_column,
+    )
 
 
 def input_shards(cfg: AuditConfig, enc: EncodeConfig) -> list[ShardRef]:
@@ -26,13 +30,17 @@ def input_shards(cfg: AuditConfig, enc: EncodeConfig) -> list[ShardRef]:
 
 def source_preprocessing(enc: EncodeConfig) -> tuple[PreprocessSpec, BucketPlanner]:
     """The preprocessing the encoder ran (as pipeline.encoded_dataset builds it): size, buckets, crops."""
-    return (PreprocessSpec(resolution=enc.resolution, max_pixels=enc.max_pixels, min_size=enc.min_size,
-                           jpeg_draft=enc.jpeg_draft),
-            BucketPlanner.from_config(enc))
+    return (
+        PreprocessSpec(
+            resolution=enc.resolution, max_pixels=enc.max_pixels, min_size=enc.min_size, jpeg_draft=enc.jpeg_draft
+        ),
+        BucketPlanner.from_config(enc),
+    )
 
 
-def read_inputs(shards: list[ShardRef], options: SourceOptions, wanted: set[str],
-                findings: Findings) -> tuple[list[str], dict[str, bytes | None]]:
+def read_inputs(
+    shards: list[ShardRef], options: SourceOptions, wanted: set[str], findings: Findings
+) -> tuple[list[str], dict[str, bytes | None]]:
     """Every input key, and the image bytes of the wanted ones (one streaming pass per shard)."""
     keys: list[str] = []
     images: dict[str, bytes | None] = {}
@@ -55,8 +63,9 @@ def shards_of(keys: list[str], scan: CacheScan, cache: Cache, shards: list[Shard
     return [s for s in shards if s.name in needed]
 
 
-def gather_inputs(cfg: AuditConfig, cache: Cache, scan: CacheScan, errors: list[str], keys: list[str],
-                  findings: Findings) -> dict[str, bytes | None]:
+def gather_inputs(
+    cfg: AuditConfig, cache: Cache, scan: CacheScan, errors: list[str], keys: list[str], findings: Findings
+) -> dict[str, bytes | None]:
     """With --input: all input keys (the nothing-lost check); otherwise only the shards of sampled keys."""
     if not cfg.input and not keys:
         return {}
@@ -69,8 +78,9 @@ def gather_inputs(cfg: AuditConfig, cache: Cache, scan: CacheScan, errors: list[
         findings.notes.append(f"recorded input unavailable ({storage.describe(exc)}): no source images to compare")
         return {}
     options = source_options(cfg, enc)
-    input_keys, images = read_inputs(shards if cfg.input else shards_of(keys, scan, cache, shards), options,
-                                     set(keys), findings)
+    input_keys, images = read_inputs(
+        shards if cfg.input else shards_of(keys, scan, cache, shards), options, set(keys), findings
+    )
     if cfg.input:
         check_input_keys(input_keys, scan, errors, findings)
     return images

@@ -20,7 +20,6 @@ from ..rows import CROP
 from .findings import Findings, examples
 
 
-
 def check_rows(block: LatentBlock, manifest: dict[str, Any]) -> list[str]:
     counts = {len(block.keys), *(len(t) for t in block.tensors.values())}
     if counts != {block.file.rows}:
@@ -40,8 +39,11 @@ def check_shapes(block: LatentBlock, manifest: dict[str, Any]) -> list[str]:
 
 def check_dtypes(block: LatentBlock, manifest: dict[str, Any]) -> list[str]:
     expected = codec(manifest["store_dtype"]).array_dtype  # bf16, int8, fp8 are read back as float32
-    return [f"{block.file.path}: {name} is {arr.dtype}, manifest records {manifest['store_dtype']}"
-            for name, arr in block.tensors.items() if name != "codes" and arr.dtype != expected]
+    return [
+        f"{block.file.path}: {name} is {arr.dtype}, manifest records {manifest['store_dtype']}"
+        for name, arr in block.tensors.items()
+        if name != "codes" and arr.dtype != expected
+    ]
 
 
 def check_finite(block: LatentBlock, manifest: dict[str, Any]) -> list[str]:
@@ -125,7 +127,9 @@ def check_complete(cache: Cache, findings: Findings) -> None:
 def check_counts(cache: Cache, findings: Findings) -> None:
     for name, rec in cache.manifest["shards"].items():
         if rec["input"] != rec["written"] + rec["failed"]:
-            findings.fail("counts", f"shard {name}: input {rec['input']} != written {rec['written']} + failed {rec['failed']}")
+            findings.fail(
+                "counts", f"shard {name}: input {rec['input']} != written {rec['written']} + failed {rec['failed']}"
+            )
         in_files = sum(f["rows"] for f in rec["files"])
         if in_files != rec["written"]:
             findings.fail("counts", f"shard {name}: files list {in_files} rows but {rec['written']} were written")

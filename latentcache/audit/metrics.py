@@ -51,7 +51,9 @@ def lpips_status() -> LpipsStatus:
         return LpipsStatus(False, f"LPIPS unavailable: the lpips package does not import ({type(exc).__name__}: {exc})")
     weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE
     if not weights.is_file():
-        return LpipsStatus(False, f"LPIPS unavailable: backbone weights not found at {weights} (never downloaded at run time)")
+        return LpipsStatus(
+            False, f"LPIPS unavailable: backbone weights not found at {weights} (never downloaded at run time)"
+        )
     return LpipsStatus(True, f"LPIPS (alex) with local weights {weights}")
 
 
@@ -87,8 +89,14 @@ def distribution(values: list[float]) -> dict[str, Any] | None:
         return None
     arr = np.asarray(values, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        stats = {"count": len(values), "mean": arr.mean(), "median": np.median(arr), "p5": np.percentile(arr, 5),
-                 "min": arr.min(), "max": arr.max()}
+        stats = {
+            "count": len(values),
+            "mean": arr.mean(),
+            "median": np.median(arr),
+            "p5": np.percentile(arr, 5),
+            "min": arr.min(),
+            "max": arr.max(),
+        }
     return {k: json_number(v) for k, v in stats.items()}
 
 

@@ -54,8 +54,9 @@ class Pair:
     crop_matches: bool | None
 
 
-def rebuild_source(key: str, data: bytes | None, prep: tuple[PreprocessSpec, BucketPlanner],
-                   stored_crop: dict[str, int | None]) -> tuple[np.ndarray | None, str, bool | None]:
+def rebuild_source(
+    key: str, data: bytes | None, prep: tuple[PreprocessSpec, BucketPlanner], stored_crop: dict[str, int | None]
+) -> tuple[np.ndarray | None, str, bool | None]:
     """The preprocessed source image, and whether its crop metadata still equals the stored one."""
     try:
         pixels, meta = preprocess_image(data, prep[0], key=key, planner=prep[1])
@@ -65,8 +66,13 @@ def rebuild_source(key: str, data: bytes | None, prep: tuple[PreprocessSpec, Buc
     return pixels.transpose(1, 2, 0), "ok", same
 
 
-def make_pairs(keys: list[str], images: dict[str, bytes | None], decoded: dict[str, np.ndarray],
-               scan: CacheScan, prep: tuple[PreprocessSpec, BucketPlanner]) -> list[Pair]:
+def make_pairs(
+    keys: list[str],
+    images: dict[str, bytes | None],
+    decoded: dict[str, np.ndarray],
+    scan: CacheScan,
+    prep: tuple[PreprocessSpec, BucketPlanner],
+) -> list[Pair]:
     pairs = []
     for key in keys:
         if key not in images:
@@ -83,22 +89,39 @@ def score(pairs: list[Pair], metrics: dict[str, Callable[..., float]]) -> list[d
     rows = []
     for p in pairs:
         ok = p.status == "ok"
-        row = {"key": p.key, "status": p.status, "crop_matches": p.crop_matches,
-               "height": p.reconstruction.shape[0], "width": p.reconstruction.shape[1]}
+        row = {
+            "key": p.key,
+            "status": p.status,
+            "crop_matches": p.crop_matches,
+            "height": p.reconstruction.shape[0],
+            "width": p.reconstruction.shape[1],
+        }
         row.update({name: fn(p.original, p.reconstruction) if ok else None for name, fn in metrics.items()})
         rows.append(row)
     return rows
 
 
-METRICS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("file", pa.string()), ("status", pa.string()),
-                            ("crop_matches", pa.bool_()), ("height", pa.int32()), ("width", pa.int32()),
-                            ("psnr", pa.float64()), ("ssim", pa.float64()), ("lpips", pa.float64())])
+METRICS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("file", pa.string()),
+        ("status", pa.string()),
+        ("crop_matches", pa.bool_()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("psnr", pa.float64()),
+        ("ssim", pa.float64()),
+        ("lpips", pa.float64()),
+    ]
+)
 
 
 def metrics_table(rows: list[dict[str, Any]], cache: Cache, scan: CacheScan) -> pa.Table:
     files = cache.files
-    full = [{**r, "file": files[scan.where[r["key"]][0]].path, "shard": files[scan.where[r["key"]][0]].shard}
-            for r in rows]
+    full = [
+        {**r, "file": files[scan.where[r["key"]][0]].path, "shard": files[scan.where[r["key"]][0]].shard} for r in rows
+    ]
     return pa.Table.from_pylist(full, schema=METRICS_SCHEMA)
 
 
@@ -109,8 +132,15 @@ class Reconstruction:
     decode: dict[str, Any] = field(default_factory=dict)
 
 
-def reconstruct(cfg: AuditConfig, cache: Cache, scan: CacheScan, spec: ModelSpec | None, keys: list[str],
-                images: dict[str, bytes | None], findings: Findings) -> Reconstruction:
+def reconstruct(
+    cfg: AuditConfig,
+    cache: Cache,
+    scan: CacheScan,
+    spec: ModelSpec | None,
+    keys: list[str],
+    images: dict[str, bytes | None],
+    findings: Findings,
+) -> Reconstruction:
     if not keys or spec is None:
         return Reconstruction()
     if cache.manifest.get("model_class") == "vq" and cache.manifest.get("vq_output") == "codes":
@@ -123,5 +153,13 @@ def reconstruct(cfg: AuditConfig, cache: Cache, scan: CacheScan, spec: ModelSpec
     pairs = make_pairs(keys, images, decoded, scan, source_preprocessing(enc))
     status = lpips_status()
     rows = score(pairs, pair_metrics(Lpips() if status.available else None))
-    return Reconstruction(rows, pairs, {"where": where, "tiling": cfg.decode_tiling, "seconds": round(seconds, 2),
-                                        "device": "ray actors" if where == "ray" else str(model_device())})
+    return Reconstruction(
+        rows,
+        pairs,
+        {
+            "where": where,
+            "tiling": cfg.decode_tiling,
+            "seconds": round(seconds, 2),
+            "device": "ray actors" if where == "ray" else str(model_device()),
+        },
+    )

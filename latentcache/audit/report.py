@@ -59,12 +59,17 @@ def histogram_svg(values: list[float], *, bins: int = 20, width: int = 600, heig
         f"<rect x='{i * bar_w:.1f}' y='{height - 20 - c / top * (height - 40):.1f}' width='{bar_w - 1:.1f}' "
         f"height='{c / top * (height - 40):.1f}' fill='#4a7bd0'>"
         f"<title>{edges[i]:.2f}-{edges[i + 1]:.2f} dB: {c}</title></rect>"
-        for i, c in enumerate(counts))
-    axis = (f"<text x='0' y='{height - 4}' font-size='12'>{edges[0]:.2f} dB</text>"
-            f"<text x='{width}' y='{height - 4}' font-size='12' text-anchor='end'>{edges[-1]:.2f} dB</text>"
-            f"<text x='0' y='12' font-size='12'>max {top} keys per bin</text>")
-    svg = (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
-           f"role='img' aria-label='PSNR histogram'>{bars}{axis}</svg>")
+        for i, c in enumerate(counts)
+    )
+    axis = (
+        f"<text x='0' y='{height - 4}' font-size='12'>{edges[0]:.2f} dB</text>"
+        f"<text x='{width}' y='{height - 4}' font-size='12' text-anchor='end'>{edges[-1]:.2f} dB</text>"
+        f"<text x='0' y='12' font-size='12'>max {top} keys per bin</text>"
+    )
+    svg = (
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
+        f"role='img' aria-label='PSNR histogram'>{bars}{axis}</svg>"
+    )
     extra = len(values) - len(finite)
     return svg + (f"<p>{extra} key(s) reconstructed exactly (PSNR = inf) are not plotted.</p>" if extra else "")
 
@@ -72,7 +77,11 @@ def histogram_svg(values: list[float], *, bins: int = 20, width: int = 600, heig
 def metrics_section(summary: dict[str, Any]) -> str:
     rows = []
     for name, dist in summary["metrics"].items():
-        cells = ", ".join(f"{k} {fmt(dist[k])}" for k in ("mean", "median", "p5", "min", "max")) if dist else "no scored keys"
+        cells = (
+            ", ".join(f"{k} {fmt(dist[k])}" for k in ("mean", "median", "p5", "min", "max"))
+            if dist
+            else "no scored keys"
+        )
         rows.append((name.upper(), cells))
     rows.append(("LPIPS", esc(summary["lpips"]["reason"])))
     return "<h2>Reconstruction</h2>" + table(rows)
@@ -80,18 +89,23 @@ def metrics_section(summary: dict[str, Any]) -> str:
 
 def summary_section(summary: dict[str, Any]) -> str:
     c, d = summary["counts"], summary.get("decode") or {}
-    rows = [("cache", f"<code>{esc(summary['cache'])}</code>"),
-            ("files / rows read / recorded", f"{c['files']} / {c['rows_read']} / {c['rows_recorded']}"),
-            ("unique keys / error rows", f"{c['keys']} / {c['error_rows']}"),
-            ("sampled / scored", f"{c['sampled']} / {c['scored']} (seed {summary['sample']['seed']}; "
-                                 f"statuses {esc(json.dumps(summary['sample']['status']))}; "
-                                 f"crop mismatches {summary['sample']['crop_mismatches']})"),
-            ("checks run", esc(", ".join(summary["checks"]))),
-            ("model", f"<code>{esc(summary['model'])}</code>"),
-            ("latent space", esc((summary.get("latent_space") or {}).get("formula", ""))),
-            ("preprocess", esc(json.dumps(summary.get("preprocess"), sort_keys=True))),
-            ("decode", esc(", ".join(f"{k} {v}" for k, v in d.items())) or "not run"),
-            ("runtime", f"{summary['seconds']} s")]
+    rows = [
+        ("cache", f"<code>{esc(summary['cache'])}</code>"),
+        ("files / rows read / recorded", f"{c['files']} / {c['rows_read']} / {c['rows_recorded']}"),
+        ("unique keys / error rows", f"{c['keys']} / {c['error_rows']}"),
+        (
+            "sampled / scored",
+            f"{c['sampled']} / {c['scored']} (seed {summary['sample']['seed']}; "
+            f"statuses {esc(json.dumps(summary['sample']['status']))}; "
+            f"crop mismatches {summary['sample']['crop_mismatches']})",
+        ),
+        ("checks run", esc(", ".join(summary["checks"]))),
+        ("model", f"<code>{esc(summary['model'])}</code>"),
+        ("latent space", esc((summary.get("latent_space") or {}).get("formula", ""))),
+        ("preprocess", esc(json.dumps(summary.get("preprocess"), sort_keys=True))),
+        ("decode", esc(", ".join(f"{k} {v}" for k, v in d.items())) or "not run"),
+        ("runtime", f"{summary['seconds']} s"),
+    ]
     return "<h2>Summary</h2>" + table(rows)
 
 
@@ -118,7 +132,8 @@ def pairs_section(title: str, rows: list[dict[str, Any]], images: dict[str, Any]
         f"<td><img alt='original {esc(r['key'])}' src='{png_data_uri(images[r['key']].original)}'></td>"
         f"<td><img alt='reconstruction {esc(r['key'])}' "
         f"src='{png_data_uri(images[r['key']].reconstruction)}'></td></tr>"
-        for r in rows)
+        for r in rows
+    )
     return f"<h2>{esc(title)}</h2><table>{head}{body}</table>"
 
 
@@ -127,18 +142,28 @@ def compare_section(summary: dict[str, Any]) -> str:
     c = summary.get("compare")
     if not c:
         return ""
-    rows = [("compared", f"{esc(c['store_dtype'])} (this) against {esc(c['other_store_dtype'])} "
-                         f"<code>{esc(c['other'])}</code>: {c['compared']} of {c['keys']} sampled keys, "
-                         f"{c['missing_in_other']} missing there"),
-            ("bytes per latent", f"{fmt(c['bytes_per_latent'])} vs {fmt(c['other_bytes_per_latent'])}"),
-            ("decode formula", esc((c.get("codec") or {}).get("decode", "")))]
-    rows += [(name, ", ".join(f"{k} {fmt(dist[k])}" for k in ("mean", "median", "max", "min")) if dist else "none")
-             for name, dist in c["metrics"].items()]
+    rows = [
+        (
+            "compared",
+            f"{esc(c['store_dtype'])} (this) against {esc(c['other_store_dtype'])} "
+            f"<code>{esc(c['other'])}</code>: {c['compared']} of {c['keys']} sampled keys, "
+            f"{c['missing_in_other']} missing there",
+        ),
+        ("bytes per latent", f"{fmt(c['bytes_per_latent'])} vs {fmt(c['other_bytes_per_latent'])}"),
+        ("decode formula", esc((c.get("codec") or {}).get("decode", ""))),
+    ]
+    rows += [
+        (name, ", ".join(f"{k} {fmt(dist[k])}" for k in ("mean", "median", "max", "min")) if dist else "none")
+        for name, dist in c["metrics"].items()
+    ]
     names = ("key", "status", "latent_rel_l2", "psnr_between", "ssim_between", "psnr_delta", "ssim_delta")
     head = "".join(f"<th>{n}</th>" for n in names)
     body = "".join("<tr>" + "".join(f"<td>{fmt(r[n])}</td>" for n in names) + "</tr>" for r in c["per_key"])
-    return (f"<h2>Comparison with another cache</h2><p class='muted'>{esc(c['space'])}</p>" + table(rows)
-            + f"<table><tr>{head}</tr>{body}</table>")
+    return (
+        f"<h2>Comparison with another cache</h2><p class='muted'>{esc(c['space'])}</p>"
+        + table(rows)
+        + f"<table><tr>{head}</tr>{body}</table>"
+    )
 
 
 def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: list[Any], top_k: int) -> str:
@@ -148,9 +173,17 @@ def render_report(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: li
     k = min(top_k, len(scored))
     worst, best = scored[:k], scored[::-1][:k]
     verdict = "<span class='ok'>PASSED</span>" if summary["ok"] else "<span class='fail'>FAILED</span>"
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>latentcache audit</title>"
-            f"<style>{CSS}</style></head><body><h1>latentcache audit: {verdict}</h1>"
-            + summary_section(summary) + failures_section(summary) + notes_section(summary) + metrics_section(summary)
-            + "<h2>PSNR histogram</h2>" + histogram_svg([r["psnr"] for r in scored])
-            + pairs_section(f"Worst {k} keys by PSNR", worst, images)
-            + pairs_section(f"Best {k} keys by PSNR", best, images) + compare_section(summary) + "</body></html>")
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>latentcache audit</title>"
+        f"<style>{CSS}</style></head><body><h1>latentcache audit: {verdict}</h1>"
+        + summary_section(summary)
+        + failures_section(summary)
+        + notes_section(summary)
+        + metrics_section(summary)
+        + "<h2>PSNR histogram</h2>"
+        + histogram_svg([r["psnr"] for r in scored])
+        + pairs_section(f"Worst {k} keys by PSNR", worst, images)
+        + pairs_section(f"Best {k} keys by PSNR", best, images)
+        + compare_section(summary)
+        + "</body></html>"
+    )

@@ -1,4 +1,5 @@
-"""`run_audit`: integrity, the stale-cache check, reconstruction; writes CACHE/__latentcache__/audit/ and returns the summary."""
+"""`run_audit`: integrity, the stale-cache check, reconstruction; writes CACHE/__latentcache__/audit/ and
+returns the summary."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .summary import build_summary, write_outputs
 
 
 def run_audit(cfg: AuditConfig) -> dict[str, Any]:
-    """Audits cfg.cache; writes OUT/__latentcache__/audit/{metrics.parquet,summary.json,report.html}; returns the summary."""
+    """Audits cfg.cache; writes CACHE/__latentcache__/audit/{metrics.parquet,summary.json,report.html};
+    returns the summary."""
     started = time.time()
     cache = Cache(cfg.cache, storage_options=cfg.storage_options)
     findings = Findings()

@@ -32,8 +32,10 @@ def claim_output(layout: Layout, identity: dict[str, Any], *, overwrite: bool) -
         remove_v1(layout)
     elif old is not None and (diff := identity_diff(old, identity)):
         if not overwrite:
-            raise StaleOutputError(f"{layout.root} already holds a cache made with a different {', '.join(diff)}; "
-                                   "use another --output, or --overwrite to replace it")
+            raise StaleOutputError(
+                f"{layout.root} already holds a cache made with a different {', '.join(diff)}; "
+                "use another --output, or --overwrite to replace it"
+            )
         remove_cache(layout)
     if old != run:
         layout.write_bytes(layout.run, json.dumps(run, indent=2, sort_keys=True).encode())

@@ -85,8 +85,13 @@ class Codec:
         return np.frombuffer(data, dtype=self.sender.code_dtype).reshape(shape)
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "codes": np.dtype(self.code_dtype).name, "params": list(self.params),
-                "decode": self.formula, "error_bound": self.bound}
+        return {
+            "name": self.name,
+            "codes": np.dtype(self.code_dtype).name,
+            "params": list(self.params),
+            "decode": self.formula,
+            "error_bound": self.bound,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,27 +164,62 @@ class Fp8Codec(Codec):
 
 F32, F16 = np.dtype(np.float32), np.dtype(np.float16)
 CODECS: dict[str, Codec] = {
-    "fp32": CastCodec(name="fp32", code_dtype=F32, safetensors_dtype="F32", formula="x = codes (IEEE float32)",
-                      bound="0 (exact)", to_float=lambda c: c, from_float=lambda x: x.astype(np.float32),
-                      array_dtype=F32),
-    "fp16": CastCodec(name="fp16", code_dtype=F16, safetensors_dtype="F16", formula="x = float32(codes) (IEEE float16)",
-                      bound="2^-11 |x| + 2^-25", to_float=lambda c: c.astype(np.float32),
-                      from_float=lambda x: x.astype(np.float16), array_dtype=F16, relative=2.0**-11,
-                      absolute=2.0**-25),
-    "bf16": CastCodec(name="bf16", code_dtype=np.dtype(np.uint16), safetensors_dtype="BF16",
-                      formula="x = bitcast<float32>(uint32(codes) << 16) (bfloat16)", bound="2^-8 |x|",
-                      to_float=bf16_decode, from_float=bf16_encode, array_dtype=F32, relative=2.0**-8,
-                      absolute=2.0**-134),
-    "int8": Int8Codec(name="int8", code_dtype=np.dtype(np.int8), safetensors_dtype="I8", array_dtype=F32,
-                      params=("scale", "offset"), sent_as="fp32",
-                      formula="x[n, c, ...] = float32(codes[n, c, ...]) * scale[n, c] + offset[n, c] "
-                              "(codes int8; scale, offset float32 per row n and channel c; float32 arithmetic)",
-                      bound="scale[n, c] / 2 (scale = (max - min) / 255 of the row's channel)"),
-    "fp8": Fp8Codec(name="fp8", code_dtype=np.dtype(np.uint8), safetensors_dtype="F8_E4M3", array_dtype=F32,
-                    params=("scale",), sent_as="fp32",
-                    formula="x[n, c, ...] = float32(bitcast<float8_e4m3fn>(codes[n, c, ...])) * scale[n, c] "
-                            "(codes: uint8 bit patterns of OCP float8 e4m3fn; scale float32 per row n and channel c)",
-                    bound="2^-4 |x| + 2^-10 scale[n, c] (scale = max |x| / 448 of the row's channel)"),
+    "fp32": CastCodec(
+        name="fp32",
+        code_dtype=F32,
+        safetensors_dtype="F32",
+        formula="x = codes (IEEE float32)",
+        bound="0 (exact)",
+        to_float=lambda c: c,
+        from_float=lambda x: x.astype(np.float32),
+        array_dtype=F32,
+    ),
+    "fp16": CastCodec(
+        name="fp16",
+        code_dtype=F16,
+        safetensors_dtype="F16",
+        formula="x = float32(codes) (IEEE float16)",
+        bound="2^-11 |x| + 2^-25",
+        to_float=lambda c: c.astype(np.float32),
+        from_float=lambda x: x.astype(np.float16),
+        array_dtype=F16,
+        relative=2.0**-11,
+        absolute=2.0**-25,
+    ),
+    "bf16": CastCodec(
+        name="bf16",
+        code_dtype=np.dtype(np.uint16),
+        safetensors_dtype="BF16",
+        formula="x = bitcast<float32>(uint32(codes) << 16) (bfloat16)",
+        bound="2^-8 |x|",
+        to_float=bf16_decode,
+        from_float=bf16_encode,
+        array_dtype=F32,
+        relative=2.0**-8,
+        absolute=2.0**-134,
+    ),
+    "int8": Int8Codec(
+        name="int8",
+        code_dtype=np.dtype(np.int8),
+        safetensors_dtype="I8",
+        array_dtype=F32,
+        params=("scale", "offset"),
+        sent_as="fp32",
+        formula="x[n, c, ...] = float32(codes[n, c, ...]) * scale[n, c] + offset[n, c] "
+        "(codes int8; scale, offset float32 per row n and channel c; float32 arithmetic)",
+        bound="scale[n, c] / 2 (scale = (max - min) / 255 of the row's channel)",
+    ),
+    "fp8": Fp8Codec(
+        name="fp8",
+        code_dtype=np.dtype(np.uint8),
+        safetensors_dtype="F8_E4M3",
+        array_dtype=F32,
+        params=("scale",),
+        sent_as="fp32",
+        formula="x[n, c, ...] = float32(bitcast<float8_e4m3fn>(codes[n, c, ...])) * scale[n, c] "
+        "(codes: uint8 bit patterns of OCP float8 e4m3fn; scale float32 per row n and channel c)",
+        bound="2^-4 |x| + 2^-10 scale[n, c] (scale = max |x| / 448 of the row's channel)",
+    ),
 }
 
 

@@ -67,13 +67,23 @@ class ShardLedger:
         parts = [p for r in reports for p in json.loads(r["parts"])]
         moments = merge_all(Moments.from_dict(p["moments"]) for p in parts if p.get("moments"))
         marker = self.marker.get(shard, {})
-        return {"shard": shard, "name": name, "status": FAILED if marker.get("shard_status") == "failed" else COMMITTED,
-                "input": self.expected.get(shard, self.seen.get(shard, 0)), "written": sum(p["rows"] for p in parts),
-                "failed": sum(r["error_rows"] for r in reports), "fp32_fallback": sum(r["fp32_fallback"] for r in reports),
-                "nonfinite": sum(r["nonfinite"] for r in reports), "duplicates": 0, "parts": parts,
-                "errors": [r["errors"] for r in reports if r["errors"]], "moments": moments.to_dict() if moments else None,
-                **marker, "checked": False,
-                "error_index": [i for r in reports if r["errors"] for i in json.loads(r["error_index"])]}
+        return {
+            "shard": shard,
+            "name": name,
+            "status": FAILED if marker.get("shard_status") == "failed" else COMMITTED,
+            "input": self.expected.get(shard, self.seen.get(shard, 0)),
+            "written": sum(p["rows"] for p in parts),
+            "failed": sum(r["error_rows"] for r in reports),
+            "fp32_fallback": sum(r["fp32_fallback"] for r in reports),
+            "nonfinite": sum(r["nonfinite"] for r in reports),
+            "duplicates": 0,
+            "parts": parts,
+            "errors": [r["errors"] for r in reports if r["errors"]],
+            "moments": moments.to_dict() if moments else None,
+            **marker,
+            "checked": False,
+            "error_index": [i for r in reports if r["errors"] for i in json.loads(r["error_index"])],
+        }
 
 
 def read_part_keys(root: str, storage_options: dict[str, Any], fmt: str, path: str) -> list[str]:
@@ -84,9 +94,22 @@ def read_part_keys(root: str, storage_options: dict[str, Any], fmt: str, path: s
 class Committer:
     """Appends shard records to the log in batches; a batch's PUT is the commit point of its shards."""
 
-    def __init__(self, layout: Layout, commit_log: CommitLog, *, batch: int = 64, seconds: float = 5.0,
-                 checkpoint_every: int = 50) -> None:
-        self.layout, self.log, self.limit, self.seconds, self.every = layout, commit_log, batch, seconds, checkpoint_every
+    def __init__(
+        self,
+        layout: Layout,
+        commit_log: CommitLog,
+        *,
+        batch: int = 64,
+        seconds: float = 5.0,
+        checkpoint_every: int = 50,
+    ) -> None:
+        self.layout, self.log, self.limit, self.seconds, self.every = (
+            layout,
+            commit_log,
+            batch,
+            seconds,
+            checkpoint_every,
+        )
         self.queue: list[dict[str, Any]] = []
         self.last = time.monotonic()
 
@@ -121,8 +144,11 @@ def known_rows(layout: Layout, record: dict[str, Any], fmt: str) -> list[tuple[s
     """(key, row error) of every row a shard's writers reported, in input order. Error rows carry
     their input index; the good rows fill the other positions in part order (parts are named by
     their first row; exact for one latent shape, the failed-shard case that matters)."""
-    good = [k for p in sorted(record["parts"], key=lambda p: p["path"])
-            for k in read_part_keys(layout.root, layout.storage_options, fmt, p["path"])]
+    good = [
+        k
+        for p in sorted(record["parts"], key=lambda p: p["path"])
+        for k in read_part_keys(layout.root, layout.storage_options, fmt, p["path"])
+    ]
     bad = [r for e in record["errors"] for r in pq.read_table(io.BytesIO(layout.read_bytes(e))).to_pylist()]
     by_index = dict(zip(record.get("error_index", []), bad))
     rows, good_iter = [], iter(good)
@@ -138,13 +164,22 @@ def fail_shard(layout: Layout, record: dict[str, Any], fmt: str, reason: str) ->
     known = known_rows(layout, record, fmt)
     why = f"shard failed: {reason}"
     rows = [{"key": None, "shard": record["shard"], "reason": why}] + [
-        {"key": k, "shard": record["shard"], "reason": why + (f"; this sample: {e}" if e else "")} for k, e in known]
+        {"key": k, "shard": record["shard"], "reason": why + (f"; this sample: {e}" if e else "")} for k, e in known
+    ]
     path = layout.errors_path()
     layout.write_bytes(path, parquet_bytes(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)))
     layout.remove([p["path"] for p in record["parts"]] + record["errors"])
     kept = {k: v for k, v in record.items() if k != "error_index"}
-    return {**kept, "status": FAILED, "shard_error": reason, "parts": [], "written": 0, "moments": None,
-            "failed": len(known), "errors": [path]}
+    return {
+        **kept,
+        "status": FAILED,
+        "shard_error": reason,
+        "parts": [],
+        "written": 0,
+        "moments": None,
+        "failed": len(known),
+        "errors": [path],
+    }
 
 
 def remove_unnamed(layout: Layout, records: dict[str, dict[str, Any]]) -> list[str]:

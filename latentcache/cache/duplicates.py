@@ -44,13 +44,20 @@ def renamed(path: str) -> str:
 
 
 def dropped_rows(record: dict[str, Any], keys: list[str], keep: list[bool], found: dict[str, str]) -> list[dict]:
-    return [{"key": k, "shard": record["shard"],
-             "reason": SAME_SHARD_REASON if found[k] == record["shard"] else DUPLICATE_REASON.format(keeper=found[k])}
-            for k, kept in zip(keys, keep) if not kept]
+    return [
+        {
+            "key": k,
+            "shard": record["shard"],
+            "reason": SAME_SHARD_REASON if found[k] == record["shard"] else DUPLICATE_REASON.format(keeper=found[k]),
+        }
+        for k, kept in zip(keys, keep)
+        if not kept
+    ]
 
 
-def drop_from_part(layout: Layout, fmt: str, space: LatentSpace, record: dict[str, Any], entry: dict[str, Any],
-                   found: Duplicates) -> tuple[dict[str, Any] | None, list[dict]]:
+def drop_from_part(
+    layout: Layout, fmt: str, space: LatentSpace, record: dict[str, Any], entry: dict[str, Any], found: Duplicates
+) -> tuple[dict[str, Any] | None, list[dict]]:
     """Step 2 for one part: its copy without the dropped keys (None when nothing stays) and the error rows."""
     data = layout.read_bytes(entry["path"])
     keys = get_format(fmt).read_keys(data)
@@ -64,8 +71,14 @@ def drop_from_part(layout: Layout, fmt: str, space: LatentSpace, record: dict[st
     return {**entry, "path": path, "rows": part.rows, "moments": part_moments(part, space)}, errors
 
 
-def drop_from_record(layout: Layout, fmt: str, space: LatentSpace, record: dict[str, Any], found: Duplicates,
-                     replaced: dict[str, str | None]) -> dict[str, Any]:
+def drop_from_record(
+    layout: Layout,
+    fmt: str,
+    space: LatentSpace,
+    record: dict[str, Any],
+    found: Duplicates,
+    replaced: dict[str, str | None],
+) -> dict[str, Any]:
     parts, errors = [], []
     for entry in record["parts"]:
         if entry["path"] not in found:
@@ -80,28 +93,42 @@ def drop_from_record(layout: Layout, fmt: str, space: LatentSpace, record: dict[
         paths.append(layout.errors_path())
         layout.write_bytes(paths[-1], parquet_bytes(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA)))
     moments = merge_all(Moments.from_dict(p["moments"]) for p in parts if p.get("moments"))
-    return {**record, "parts": parts, "errors": paths, "written": sum(p["rows"] for p in parts),
-            "failed": record["failed"] + len(errors), "duplicates": record.get("duplicates", 0) + len(errors),
-            "moments": moments.to_dict() if moments else None, "checked": True,
-            "replaced": {o: n for o, n in replaced.items() if o in {e["path"] for e in record["parts"]}}}
+    return {
+        **record,
+        "parts": parts,
+        "errors": paths,
+        "written": sum(p["rows"] for p in parts),
+        "failed": record["failed"] + len(errors),
+        "duplicates": record.get("duplicates", 0) + len(errors),
+        "moments": moments.to_dict() if moments else None,
+        "checked": True,
+        "replaced": {o: n for o, n in replaced.items() if o in {e["path"] for e in record["parts"]}},
+    }
 
 
-def settle_duplicates(layout: Layout, commit_log: CommitLog, *, fmt: str, space: dict[str, Any],
-                      after_kill: bool) -> int:
+def settle_duplicates(
+    layout: Layout, commit_log: CommitLog, *, fmt: str, space: dict[str, Any], after_kill: bool
+) -> int:
     """Steps 1-4 for every committed record not yet checked; returns how many keys were dropped."""
     records = commit_log.state()
     unchecked = [r for r in committed(records) if not r.get("checked")]
     if not unchecked and not after_kill:
         return 0
     read_keys = functools.partial(read_part_keys, layout.root, layout.storage_options, fmt)
-    found = check_duplicates(url=layout.index_url, storage_options=layout.storage_options, read_keys=read_keys,
-                             new=[PartRef(r["shard"], p["path"]) for r in unchecked for p in r["parts"]],
-                             partitions=INDEX_PARTITIONS)
+    found = check_duplicates(
+        url=layout.index_url,
+        storage_options=layout.storage_options,
+        read_keys=read_keys,
+        new=[PartRef(r["shard"], p["path"]) for r in unchecked for p in r["parts"]],
+        partitions=INDEX_PARTITIONS,
+    )
     owner = {p["path"]: r for r in committed(records) for p in r["parts"]}
     replaced: dict[str, str | None] = {}
     finished = {old: new for r in committed(records) for old, new in r.get("replaced", {}).items() if old in found}
     touched = {owner[path]["shard"]: owner[path] for path in found if path in owner}
-    updated = [drop_from_record(layout, fmt, LatentSpace.from_dict(space), r, found, replaced) for r in touched.values()]
+    updated = [
+        drop_from_record(layout, fmt, LatentSpace.from_dict(space), r, found, replaced) for r in touched.values()
+    ]
     updated += [{**r, "checked": True} for r in unchecked if r["shard"] not in touched]
     crash_point("duplicates-copied")
     if updated:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .commit import crash_point
 from .codecs import codec
+from .commit import crash_point
 from .layout import DATA, Layout
 from .log import CommitLog
 from .moments import Moments, merge_all, summary
@@ -22,8 +22,12 @@ def merged_stats(records: dict[str, dict[str, Any]], space: dict[str, Any]) -> d
     moments = merge_all(Moments.from_dict(r["moments"]) for r in committed(records) if r.get("moments"))
     if moments is None:
         return None
-    return {**summary(moments), "describes": "raw latents (stored values with the latent-space convention undone)",
-            "latent_space": space, "moments": moments.to_dict()}
+    return {
+        **summary(moments),
+        "describes": "raw latents (stored values with the latent-space convention undone)",
+        "latent_space": space,
+        "moments": moments.to_dict(),
+    }
 
 
 def write_if_changed(layout: Layout, relative: str, doc: dict[str, Any]) -> None:
@@ -37,7 +41,7 @@ def write_if_changed(layout: Layout, relative: str, doc: dict[str, Any]) -> None
 
 
 def relative_to(layout: Layout, url: str) -> str:
-    return url[len(layout.root.rstrip("/")) + 1:] if url.startswith(layout.root.rstrip("/")) else url
+    return url[len(layout.root.rstrip("/")) + 1 :] if url.startswith(layout.root.rstrip("/")) else url
 
 
 def write_run_outputs(layout: Layout, commit_log: CommitLog, run: dict[str, Any], planned: list[str]) -> dict[str, Any]:
@@ -47,16 +51,29 @@ def write_run_outputs(layout: Layout, commit_log: CommitLog, run: dict[str, Any]
     crash_point("checkpoint")
     failed = {s: reason for s, reason in failed_shards(records).items() if s in set(planned)}
     missing = [s for s in planned if s not in records]
-    failed.update({s: "shard never completed (rows missing from the pipeline)" for s in missing})
+    failed.update(dict.fromkeys(missing, "shard never completed (rows missing from the pipeline)"))
     counts, extra = totals(records), totals(records, ("nonfinite", "duplicates"))
     stats = merged_stats(records, run["latent_space"])
     if stats is not None:
         write_if_changed(layout, layout.stats, stats)
-    manifest = {**run, "format_version": FORMAT_VERSION, "counts": counts, "complete": not failed,
-                "precision": {"dtype": run.get("dtype"), "compute_dtype": run.get("compute_dtype"),
-                              "fp32_fallback": counts["fp32_fallback"], "nonfinite": extra["nonfinite"]},
-                "duplicates": extra["duplicates"], "codec": codec(run["store_dtype"]).describe(),
-                "committed_shards": len(committed(records)), "failed_shards": failed,
-                "shard_table": table, "errors": layout.errors_dir, "data": DATA}
+    manifest = {
+        **run,
+        "format_version": FORMAT_VERSION,
+        "counts": counts,
+        "complete": not failed,
+        "precision": {
+            "dtype": run.get("dtype"),
+            "compute_dtype": run.get("compute_dtype"),
+            "fp32_fallback": counts["fp32_fallback"],
+            "nonfinite": extra["nonfinite"],
+        },
+        "duplicates": extra["duplicates"],
+        "codec": codec(run["store_dtype"]).describe(),
+        "committed_shards": len(committed(records)),
+        "failed_shards": failed,
+        "shard_table": table,
+        "errors": layout.errors_dir,
+        "data": DATA,
+    }
     write_if_changed(layout, layout.manifest, manifest)
     return {"counts": counts, "failed_shards": failed, "complete": not failed, "committed": len(committed(records))}

@@ -116,8 +116,11 @@ def nonempty(kept_here: dict[str, set[str]]) -> dict[str, set[str]]:
 
 def blake2b_64(keys: list[str]) -> np.ndarray:
     """64-bit key hashes (the same as the old whole-cache check used)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys),
-                       dtype=np.uint64, count=len(keys))
+    return np.fromiter(
+        (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys),
+        dtype=np.uint64,
+        count=len(keys),
+    )
 
 
 @dataclass
@@ -130,8 +133,9 @@ class Pointer:
     kept_here: dict[str, list[str]] = field(default_factory=dict)
 
     def duplicates(self) -> Duplicates:
-        return Duplicates({p: dict(d) for p, d in self.pending.items()},
-                          kept_here={p: set(k) for p, k in self.kept_here.items()})
+        return Duplicates(
+            {p: dict(d) for p, d in self.pending.items()}, kept_here={p: set(k) for p, k in self.kept_here.items()}
+        )
 
     def remember(self, found: Duplicates) -> None:
         self.pending = {p: dict(d) for p, d in found.items()}
@@ -141,8 +145,9 @@ class Pointer:
 # ---- map and reduce: plain functions (Ray places them; tests call them directly) ---------------
 
 
-def map_parts(parts: list[tuple[int, str]], read_keys: Callable[[str], list[str]], hash_keys: HashKeys,
-              partitions: int) -> tuple[pa.Table, np.ndarray]:
+def map_parts(
+    parts: list[tuple[int, str]], read_keys: Callable[[str], list[str]], hash_keys: HashKeys, partitions: int
+) -> tuple[pa.Table, np.ndarray]:
     """The keys of some parts as one (hash, key, part, row) table sorted by partition, and the row
     count of each partition (which lets the driver skip partitions that received nothing).
     One table, not one per partition: Ray keeps small task results in the driver's own memory,
@@ -161,8 +166,14 @@ def partition_slices(counts: list[np.ndarray], partition: int) -> list[tuple[int
 
 def part_table(number: int, keys: list[str], hash_keys: HashKeys) -> pa.Table:
     n = len(keys)
-    return pa.table({"hash": pa.array(np.asarray(hash_keys(keys), dtype=np.uint64)), "key": pa.array(keys, pa.string()),
-                     "part": pa.array(np.full(n, number, np.uint32)), "row": pa.array(np.arange(n, dtype=np.uint32))})
+    return pa.table(
+        {
+            "hash": pa.array(np.asarray(hash_keys(keys), dtype=np.uint64)),
+            "key": pa.array(keys, pa.string()),
+            "part": pa.array(np.full(n, number, np.uint32)),
+            "row": pa.array(np.arange(n, dtype=np.uint32)),
+        }
+    )
 
 
 @dataclass
@@ -219,8 +230,7 @@ def index_rows(table: pa.Table) -> list[tuple]:
 
 def rows_table(rows: list[tuple]) -> pa.Table:
     columns = list(zip(*rows)) if rows else [[], [], []]
-    return pa.Table.from_arrays([pa.array(list(c), f.type) for c, f in zip(columns, INDEX_SCHEMA)],
-                                schema=INDEX_SCHEMA)
+    return pa.Table.from_arrays([pa.array(list(c), f.type) for c, f in zip(columns, INDEX_SCHEMA)], schema=INDEX_SCHEMA)
 
 
 def read_partition(url: str, storage_options: dict, name: str | None) -> pa.Table:
@@ -232,9 +242,17 @@ def read_partition(url: str, storage_options: dict, name: str | None) -> pa.Tabl
 # ---- the driver -------------------------------------------------------------------------------
 
 
-def check_duplicates(*, url: str, storage_options: dict, new: list[PartRef], read_keys: Callable[[str], list[str]],
-                     partitions: int = 256, hash_keys: HashKeys = blake2b_64, map_tasks: int = 64,
-                     use_ray: bool | None = None) -> Duplicates:
+def check_duplicates(
+    *,
+    url: str,
+    storage_options: dict,
+    new: list[PartRef],
+    read_keys: Callable[[str], list[str]],
+    partitions: int = 256,
+    hash_keys: HashKeys = blake2b_64,
+    map_tasks: int = 64,
+    use_ray: bool | None = None,
+) -> Duplicates:
     """Indexes the keys of `new` parts; returns every later copy not yet dropped (see the module
     docstring). `partitions` applies when the index is created; `hash_keys` must match it.
     `use_ray`: None = on Ray when it is initialised; False = inline (a test, a small run)."""
@@ -245,8 +263,7 @@ def check_duplicates(*, url: str, storage_options: dict, new: list[PartRef], rea
     ordered = sorted(dict.fromkeys(new), key=lambda r: (r.shard, r.path))
     groups = chunks([(numbers[ref.path], ref.path) for ref in ordered], map_tasks)
     on_ray = ray_running() if use_ray is None else use_ray
-    results = run_tasks(pointer, url, storage_options, groups, input_rank(shards, paths), read_keys, hash_keys,
-                        on_ray)
+    results = run_tasks(pointer, url, storage_options, groups, input_rank(shards, paths), read_keys, hash_keys, on_ray)
     found, keepers = pointer.duplicates(), {}
     for result in results:
         for part, key, keeper in result.drops:
@@ -301,15 +318,24 @@ def input_rank(shards: list[str], paths: list[str]) -> np.ndarray:
 
 def chunks(items: list[Any], count: int) -> list[list[Any]]:
     size = max(1, math.ceil(len(items) / max(1, count)))
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def run_tasks(pointer: Pointer, url: str, storage_options: dict, groups: list[list[tuple[int, str]]],
-              rank: np.ndarray, read_keys: Callable[[str], list[str]], hash_keys: HashKeys,
-              on_ray: bool) -> list[ReduceResult]:
+def run_tasks(
+    pointer: Pointer,
+    url: str,
+    storage_options: dict,
+    groups: list[list[tuple[int, str]]],
+    rank: np.ndarray,
+    read_keys: Callable[[str], list[str]],
+    hash_keys: HashKeys,
+    on_ray: bool,
+) -> list[ReduceResult]:
     """Map over the groups of new parts, then reduce each partition that received keys."""
-    specs = [{"url": url, "storage_options": storage_options, "partition": p,
-              "current": pointer.versions.get(str(p))} for p in range(pointer.partitions)]
+    specs = [
+        {"url": url, "storage_options": storage_options, "partition": p, "current": pointer.versions.get(str(p))}
+        for p in range(pointer.partitions)
+    ]
     if not groups:
         return []
     if not on_ray:
@@ -327,16 +353,23 @@ def ray_running() -> bool:
     return ray.is_initialized()
 
 
-def run_on_ray(specs: list[dict], groups: list[list[tuple[int, str]]], rank: np.ndarray,
-               read_keys: Callable[[str], list[str]], hash_keys: HashKeys) -> list[ReduceResult]:
+def run_on_ray(
+    specs: list[dict],
+    groups: list[list[tuple[int, str]]],
+    rank: np.ndarray,
+    read_keys: Callable[[str], list[str]],
+    hash_keys: HashKeys,
+) -> list[ReduceResult]:
     import ray
 
     mapper = ray.remote(map_parts).options(num_returns=2)
     tables, count_refs = zip(*(mapper.remote(group, read_keys, hash_keys, len(specs)) for group in groups))
     counts = ray.get(list(count_refs))
     rank_ref, reducer = ray.put(rank), ray.remote(reduce_partition)
-    pending = [reducer.remote({**specs[p], "slices": partition_slices(counts, p)}, rank_ref, *tables)
-               for p in np.flatnonzero(sum(counts))]
+    pending = [
+        reducer.remote({**specs[p], "slices": partition_slices(counts, p)}, rank_ref, *tables)
+        for p in np.flatnonzero(sum(counts))
+    ]
     return ray.get(pending)
 
 
@@ -362,8 +395,9 @@ def read_parts(url: str, storage_options: dict, name: str | None) -> tuple[list[
     return table["shard"].to_pylist(), table["path"].to_pylist()
 
 
-def save(url: str, storage_options: dict, pointer: Pointer, parts: tuple[list[str], list[str]] | None,
-         superseded: list[str]) -> None:
+def save(
+    url: str, storage_options: dict, pointer: Pointer, parts: tuple[list[str], list[str]] | None, superseded: list[str]
+) -> None:
     """Parts table (when it changed), then the pointer, then the files it no longer names."""
     if parts is not None:
         superseded += [pointer.parts] if pointer.parts else []

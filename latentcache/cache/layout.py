@@ -83,5 +83,7 @@ class Layout:
     def listed(self, folder: str) -> list[str]:
         """Relative paths of the files under `folder` (one LIST per 1000 objects on a store)."""
         base = storage.url_to_fs(self.root, self.storage_options)[1].rstrip("/")
-        return [posixpath.relpath(storage.url_to_fs(u, self.storage_options)[1], base)
-                for u in storage.list_files(self.url(folder), self.storage_options)]
+        return [
+            posixpath.relpath(storage.url_to_fs(u, self.storage_options)[1], base)
+            for u in storage.list_files(self.url(folder), self.storage_options)
+        ]

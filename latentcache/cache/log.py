@@ -234,7 +234,7 @@ class CommitLog:
 def parse_seq(name: str) -> int | None:
     """The sequence number at the start of a log or checkpoint name; None for anything else."""
     digits = name[:SEQ_DIGITS]
-    if len(digits) == SEQ_DIGITS and digits.isdigit() and name[SEQ_DIGITS:SEQ_DIGITS + 1] in (".", "-"):
+    if len(digits) == SEQ_DIGITS and digits.isdigit() and name[SEQ_DIGITS : SEQ_DIGITS + 1] in (".", "-"):
         return int(digits)
     return None
 

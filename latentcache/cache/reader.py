@@ -8,8 +8,9 @@ per-row metadata. `LatentSpace` from the manifest undoes the scaling.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,8 +64,11 @@ class Cache:
         manifest = read_json(self.layout, self.layout.manifest)
         if manifest is None:
             version = old_version(self.layout)
-            raise CacheError(old_format_message(root, version) if version else
-                             f"{root} has no {self.layout.manifest}: not a latentcache output, or its run never finished")
+            raise CacheError(
+                old_format_message(root, version)
+                if version
+                else f"{root} has no {self.layout.manifest}: not a latentcache output, or its run never finished"
+            )
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CacheError(old_format_message(root, manifest.get("format_version")))
         self.all_records = CommitLog(url=self.layout.log_url, storage_options=self.storage_options).state()
@@ -79,8 +83,11 @@ class Cache:
 
     @property
     def files(self) -> list[CacheFile]:
-        return [CacheFile(p["path"], r["shard"], p["rows"], tuple(p["latent_shape"]))
-                for r in sorted(self.records.values(), key=lambda r: r["shard"]) for p in r["parts"]]
+        return [
+            CacheFile(p["path"], r["shard"], p["rows"], tuple(p["latent_shape"]))
+            for r in sorted(self.records.values(), key=lambda r: r["shard"])
+            for p in r["parts"]
+        ]
 
     @property
     def has_posterior(self) -> bool:
@@ -89,9 +96,12 @@ class Cache:
     def read(self, file: CacheFile, columns: tuple[str, ...] = TENSOR_COLUMNS) -> LatentBlock:
         part = get_format(self.format).read(self.layout.read_bytes(file.path), columns)
         store = part.get_codec()
-        tensors = {n: t if n == "codes" else store.as_array(t, {k.split(".", 1)[1]: v for k, v in part.params.items()
-                                                                 if k.startswith(n + ".")})
-                   for n, t in part.tensors.items()}
+        tensors = {
+            n: t
+            if n == "codes"
+            else store.as_array(t, {k.split(".", 1)[1]: v for k, v in part.params.items() if k.startswith(n + ".")})
+            for n, t in part.tensors.items()
+        }
         return LatentBlock(file, tensors, {n: part.meta.column(n).to_pylist() for n in META_COLUMNS})
 
     def blocks(self, columns: tuple[str, ...] = TENSOR_COLUMNS) -> Iterator[LatentBlock]:

@@ -14,8 +14,19 @@ from typing import Any
 from ..errors import UserError
 
 FORMAT_VERSION = 2
-IDENTITY_KEYS = ("model_sha256", "model_class", "latent_space", "preprocess", "posterior", "seed",
-                 "store_dtype", "format", "tensor_layout", "vq_output", "store_posterior")
+IDENTITY_KEYS = (
+    "model_sha256",
+    "model_class",
+    "latent_space",
+    "preprocess",
+    "posterior",
+    "seed",
+    "store_dtype",
+    "format",
+    "tensor_layout",
+    "vq_output",
+    "store_posterior",
+)
 COUNTS = ("input", "written", "failed", "fp32_fallback")  # the manifest's `counts`: input = written + failed
 COMMITTED, FAILED = "committed", "failed"
 
@@ -33,9 +44,11 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def old_format_message(root: str, version: int) -> str:
-    return (f"{root} holds a latentcache cache in format {version}; this version reads and writes format "
-            f"{FORMAT_VERSION} (docs/cache-format.md). Re-encode into a new --output, or pass --overwrite "
-            "to replace it")
+    return (
+        f"{root} holds a latentcache cache in format {version}; this version reads and writes format "
+        f"{FORMAT_VERSION} (docs/cache-format.md). Re-encode into a new --output, or pass --overwrite "
+        "to replace it"
+    )
 
 
 def committed(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

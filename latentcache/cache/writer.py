@@ -28,11 +28,21 @@ from .moments import Moments
 
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("reason", pa.string())])
 NONFINITE_REASON = "non-finite latent"  # how encode.py's error rows for NaN/Inf latents begin
-BLOCK_META = pa.schema([
-    ("shard", pa.string()), ("rows", pa.int64()), ("parts", pa.string()), ("errors", pa.string()),
-    ("error_rows", pa.int64()), ("error_index", pa.string()), ("nonfinite", pa.int64()), ("fp32_fallback", pa.int64()),
-    ("shard_rows", pa.int64()), ("shard_status", pa.string()), ("shard_error", pa.string()),
-])
+BLOCK_META = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("rows", pa.int64()),
+        ("parts", pa.string()),
+        ("errors", pa.string()),
+        ("error_rows", pa.int64()),
+        ("error_index", pa.string()),
+        ("nonfinite", pa.int64()),
+        ("fp32_fallback", pa.int64()),
+        ("shard_rows", pa.int64()),
+        ("shard_status", pa.string()),
+        ("shard_error", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,8 +129,9 @@ def write_parts(shard: str, good: list[dict[str, Any]], spec: WriteSpec) -> list
         bucket = (rows[0]["bucket_height"], rows[0]["bucket_width"]) if spec.bucketed else None
         path = layout.part_path(shard_name(shard, spec.base), rows[0]["index"], fmt.ext, bucket)
         layout.write_bytes(path, fmt.write(part))
-        parts.append({"path": path, "rows": part.rows, "latent_shape": part.shape,
-                      "moments": part_moments(part, space)})
+        parts.append(
+            {"path": path, "rows": part.rows, "latent_shape": part.shape, "moments": part_moments(part, space)}
+        )
     return parts
 
 
@@ -143,13 +154,31 @@ def write_block(table: pa.Table, *, spec: WriteSpec) -> pa.Table:
         bad = [r for r in mine if r["error"] is not None]
         errors = write_errors(spec.layout, [{"key": r["key"], "shard": shard, "reason": r["error"]} for r in bad])
         good = [r for r in mine if r["error"] is None]
-        out.append({"shard": shard, "rows": len(mine), "parts": json.dumps(write_parts(shard, good, spec)), "errors": errors,
-                    "error_rows": len(bad), "error_index": json.dumps([r["index"] for r in bad]),
-                    "nonfinite": sum(r["error"].startswith(NONFINITE_REASON) for r in bad),
-                    "fp32_fallback": sum(r["fallback"] == "fp32" for r in good), "shard_rows": marker.get("shard_rows"),
-                    "shard_status": marker.get("shard_status"), "shard_error": marker.get("error")})
+        out.append(
+            {
+                "shard": shard,
+                "rows": len(mine),
+                "parts": json.dumps(write_parts(shard, good, spec)),
+                "errors": errors,
+                "error_rows": len(bad),
+                "error_index": json.dumps([r["index"] for r in bad]),
+                "nonfinite": sum(r["error"].startswith(NONFINITE_REASON) for r in bad),
+                "fp32_fallback": sum(r["fallback"] == "fp32" for r in good),
+                "shard_rows": marker.get("shard_rows"),
+                "shard_status": marker.get("shard_status"),
+                "shard_error": marker.get("error"),
+            }
+        )
     return pa.Table.from_pylist(out, schema=BLOCK_META)
 
 
-__all__ = ["BLOCK_META", "CROP", "ERRORS_SCHEMA", "WriteSpec", "group_rows", "write_block", "parquet_bytes",
-           "part_moments"]
+__all__ = [
+    "BLOCK_META",
+    "CROP",
+    "ERRORS_SCHEMA",
+    "WriteSpec",
+    "group_rows",
+    "write_block",
+    "parquet_bytes",
+    "part_moments",
+]

@@ -22,6 +22,20 @@ from .ray_reader import RayLatents, ray_dataset, torch_collate
 from .spec import LatentSpec, decoder_config, epoch_noise, open_cache
 from .splits import bucket_batches, distributed, row_slices, shuffled, split_range
 
-__all__ = ["BucketBatchSampler", "LatentDataset", "LatentMapDataset", "LatentSpec", "RayLatents", "bucket_batches",
-           "decoder_config", "distributed", "epoch_noise", "open_cache", "ray_dataset", "row_slices", "shuffled",
-           "split_range", "torch_collate"]
+__all__ = [
+    "BucketBatchSampler",
+    "LatentDataset",
+    "LatentMapDataset",
+    "LatentSpec",
+    "RayLatents",
+    "bucket_batches",
+    "decoder_config",
+    "distributed",
+    "epoch_noise",
+    "open_cache",
+    "ray_dataset",
+    "row_slices",
+    "shuffled",
+    "split_range",
+    "torch_collate",
+]

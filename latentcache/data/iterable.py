@@ -22,11 +22,23 @@ class LatentDataset(IterableDataset):
     batches of one latent shape each (use DataLoader(batch_size=None)).
     """
 
-    def __init__(self, cache: Cache | str, *, resample: bool = False, seed: int = 0, epoch: int = 0,
-                 space: str = "model", shuffle: bool = True, shuffle_buffer: int = 1024,
-                 rank: int | None = None, world_size: int | None = None, even: bool = False,
-                 batch_size: int | None = None, drop_last: bool = False,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cache: Cache | str,
+        *,
+        resample: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        space: str = "model",
+        shuffle: bool = True,
+        shuffle_buffer: int = 1024,
+        rank: int | None = None,
+        world_size: int | None = None,
+        even: bool = False,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.cache = open_cache(cache, storage_options)
         self.spec = LatentSpec(resample=resample, seed=seed, space=space)
         self.spec.check(self.cache)
@@ -63,7 +75,9 @@ class LatentDataset(IterableDataset):
         lo, hi = split_range(*self.rank_range(), worker, workers)
         rows: Iterable[dict[str, Any]] = self._rows(order, lo, hi)
         if self.shuffle:
-            rows = shuffled(rows, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank, worker]))
+            rows = shuffled(
+                rows, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+            )
         yield from bucket_batches(rows, self.batch_size, self.drop_last) if self.batch_size else rows
 
     def _rows(self, order: list[int], lo: int, hi: int) -> Iterator[dict[str, Any]]:

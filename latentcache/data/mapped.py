@@ -24,9 +24,17 @@ class LatentMapDataset(Dataset):
     `BucketBatchSampler(ds.shapes, ...)` when the cache holds more than one latent shape.
     """
 
-    def __init__(self, cache: Cache | str, *, resample: bool = False, seed: int = 0, epoch: int = 0,
-                 space: str = "model", local_dir: str | Path | None = None,
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cache: Cache | str,
+        *,
+        resample: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        space: str = "model",
+        local_dir: str | Path | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.cache = open_cache(cache, storage_options)
         self.spec = LatentSpec(resample=resample, seed=seed, space=space)
         self.spec.check(self.cache)
@@ -53,8 +61,8 @@ class LatentMapDataset(Dataset):
         index %= len(self)
         f = bisect.bisect_right(self.offsets, index) - 1
         block, row = self.blocks[f], index - self.offsets[f]
-        tensors = {name: array[row:row + 1] for name, array in block.tensors.items()}
-        latents = self.spec.latents(tensors, block.keys[row:row + 1], self.cache.space, self.epoch)
+        tensors = {name: array[row : row + 1] for name, array in block.tensors.items()}
+        latents = self.spec.latents(tensors, block.keys[row : row + 1], self.cache.space, self.epoch)
         return next(rows_of(block, latents, row))
 
     def _fingerprint(self) -> str:
@@ -84,13 +92,28 @@ class BucketBatchSampler(Sampler[list[int]]):
     batches so that every rank runs the same number of steps; drop_last=True drops both instead.
     """
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], *, batch_size: int, seed: int = 0, epoch: int = 0,
-                 shuffle: bool = True, drop_last: bool = False, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, ...]],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.shapes = [tuple(s) for s in shapes]
-        self.batch_size, self.seed, self.epoch, self.shuffle, self.drop_last = batch_size, seed, epoch, shuffle, drop_last
+        self.batch_size, self.seed, self.epoch, self.shuffle, self.drop_last = (
+            batch_size,
+            seed,
+            epoch,
+            shuffle,
+            drop_last,
+        )
         self.rank, self.world_size = distributed(rank, world_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -105,7 +128,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches = []
         for shape in sorted(groups):
             members = rng.permutation(groups[shape]).tolist() if self.shuffle else groups[shape]
-            chunks = [members[i:i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            chunks = [members[i : i + self.batch_size] for i in range(0, len(members), self.batch_size)]
             batches += [c for c in chunks if len(c) == self.batch_size or not self.drop_last]
         return [batches[i] for i in rng.permutation(len(batches))] if self.shuffle else batches
 
@@ -113,7 +136,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches = self.global_batches()
         steps = len(batches) // self.world_size if self.drop_last else -(-len(batches) // self.world_size)
         padded = (batches * (1 + self.world_size))[: steps * self.world_size] if batches else []
-        return padded[self.rank::self.world_size]
+        return padded[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.rank_batches())

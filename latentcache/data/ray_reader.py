@@ -25,8 +25,16 @@ if TYPE_CHECKING:
     import ray.data
 
 
-def ray_dataset(cache: Cache | str, *, resample: bool = False, seed: int = 0, epoch: int = 0, space: str = "model",
-                latent_shape: Sequence[int] | None = None, storage_options: dict[str, Any] | None = None) -> ray.data.Dataset:
+def ray_dataset(
+    cache: Cache | str,
+    *,
+    resample: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    space: str = "model",
+    latent_shape: Sequence[int] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> ray.data.Dataset:
     """The cache as a `ray.data.Dataset` of {latent, key, caption, ...}, the same tensors as `LatentDataset`.
 
     Parquet files are read with `read_parquet`; the draw and the space are applied by a
@@ -44,11 +52,15 @@ def ray_dataset(cache: Cache | str, *, resample: bool = False, seed: int = 0, ep
     files = [f for f in cache.files if latent_shape is None or f.latent_shape == tuple(latent_shape)]
     shapes = sorted({f.latent_shape for f in files})
     if len(shapes) != 1:
-        raise CacheError(f"{cache.root} has latent shapes {shapes or 'none'}{' for that shape' if latent_shape else ''}: "
-                         f"pass latent_shape= one of {sorted({f.latent_shape for f in cache.files})}")
+        raise CacheError(
+            f"{cache.root} has latent shapes {shapes or 'none'}{' for that shape' if latent_shape else ''}: "
+            f"pass latent_shape= one of {sorted({f.latent_shape for f in cache.files})}"
+        )
     fs, _ = storage.url_to_fs(cache.root, cache.storage_options)
     paths = [storage.url_to_fs(cache.url(f.path), cache.storage_options)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=parquet_columns(cache, files[0], spec))
+    ds = ray.data.read_parquet(
+        paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=parquet_columns(cache, files[0], spec)
+    )
     latents = RayLatents(spec=spec, space=cache.space, epoch=epoch, store_dtype=cache.manifest["store_dtype"])
     return ds.map_batches(latents, batch_format="pyarrow")
 
@@ -80,8 +92,11 @@ class RayLatents:
     def __call__(self, table: Any) -> dict[str, np.ndarray]:
         tensors = {name: self.stored(table, name) for name in self.spec.columns}
         keys = table.column("key").to_pylist()
-        out = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names
-               if not is_tensor_column(name) and name != "caption" and table.column(name).null_count < table.num_rows}
+        out = {
+            name: table.column(name).to_numpy(zero_copy_only=False)
+            for name in table.column_names
+            if not is_tensor_column(name) and name != "caption" and table.column(name).null_count < table.num_rows
+        }
         if "caption" in table.column_names:
             out["caption"] = pc.fill_null(table.column("caption"), "").to_numpy(zero_copy_only=False)
         out["latent"] = self.spec.latents(tensors, keys, self.space, self.epoch)
@@ -102,8 +117,10 @@ def _torch_collate_class() -> type:
         """Numeric columns become tensors, strings (key, caption) stay lists."""
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-            return {name: torch.tensor(values) if values.dtype.kind in "biuf" else values.tolist()
-                    for name, values in batch.items()}
+            return {
+                name: torch.tensor(values) if values.dtype.kind in "biuf" else values.tolist()
+                for name, values in batch.items()
+            }
 
         def __reduce__(self) -> tuple:
             return torch_collate, ()

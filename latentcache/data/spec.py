@@ -39,10 +39,14 @@ class LatentSpec:
     def check(self, cache: Cache) -> None:
         """A clear error up front, not a KeyError in a DataLoader worker."""
         if self.resample and not cache.has_posterior:
-            raise CacheError(f"{cache.root} has no posterior: resample=True needs a cache encoded with --store-posterior "
-                             f"(re-encode with it, or read with resample=False)")
+            raise CacheError(
+                f"{cache.root} has no posterior: resample=True needs a cache encoded with --store-posterior "
+                f"(re-encode with it, or read with resample=False)"
+            )
         if not self.resample and cache.manifest.get("vq_output") == "codes":
-            raise CacheError(f"{cache.root} stores VQ codebook indices only (--vq-output codes); there is no latent to read")
+            raise CacheError(
+                f"{cache.root} stores VQ codebook indices only (--vq-output codes); there is no latent to read"
+            )
 
     def latents(self, tensors: dict[str, np.ndarray], keys: list[str], space: LatentSpace, epoch: int) -> np.ndarray:
         """float32 [N, C, h, w] for these rows."""

@@ -53,7 +53,9 @@ def shuffled(items: Iterable[Any], buffer_size: int, rng: np.random.Generator) -
         yield buffer[i]
 
 
-def bucket_batches(rows: Iterable[dict[str, Any]], batch_size: int, drop_last: bool = False) -> Iterator[dict[str, Any]]:
+def bucket_batches(
+    rows: Iterable[dict[str, Any]], batch_size: int, drop_last: bool = False
+) -> Iterator[dict[str, Any]]:
     """Collated batches from a row stream, each of one latent shape (one open batch per shape)."""
     open_batches: dict[tuple[int, ...], list[dict[str, Any]]] = {}
     for row in rows:

@@ -86,8 +86,12 @@ def _tile_by_size(vae: Any, tile: int, overlap: float, factor: int) -> None:
 def _tile_by_stride(vae: Any, tile: int, overlap: float, factor: int) -> None:
     """Height/width/stride tiling (DC-AE, Qwen-Image, Wan); the stride stays a multiple of the factor."""
     stride = max(factor, (tile - round(tile * overlap)) // factor * factor)
-    vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
-                      tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+    vae.enable_tiling(
+        tile_sample_min_height=tile,
+        tile_sample_min_width=tile,
+        tile_sample_stride_height=stride,
+        tile_sample_stride_width=stride,
+    )
 
 
 def _space_from_config(vae: Any, overrides: dict[str, Any]) -> LatentSpace:
@@ -108,9 +112,14 @@ def _space_flux2(vae: Any, overrides: dict[str, Any]) -> LatentSpace:
     std = torch.sqrt(vae.bn.running_var.float() + eps)
     mean = overrides.get("latents_mean") or vae.bn.running_mean.float().tolist()
     std = overrides.get("latents_std") or std.tolist()
-    return LatentSpace(convention="patch_bn", scaling_factor=float(overrides.get("scaling_factor") or 1.0),
-                       latents_mean=tuple(map(float, mean)), latents_std=tuple(map(float, std)),
-                       patch_size=patch[0], batch_norm_eps=eps)
+    return LatentSpace(
+        convention="patch_bn",
+        scaling_factor=float(overrides.get("scaling_factor") or 1.0),
+        latents_mean=tuple(map(float, mean)),
+        latents_std=tuple(map(float, std)),
+        patch_size=patch[0],
+        batch_norm_eps=eps,
+    )
 
 
 @dataclass(frozen=True)
@@ -154,24 +163,82 @@ class Family:
         return vae.decode(raw).sample
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("kl", "AutoencoderKL", _encode_kl, _blocks_factor, stochastic=True, tile=_tile_by_size,
-           exact_tiling=True, convention="scale, or shift_scale (SD3, Flux.1), or per_channel (latents_mean/std)"),
-    Family("flux2", "AutoencoderKLFlux2", _encode_kl, _blocks_factor, stochastic=True, space=_space_flux2,
-           tile=_tile_by_size, exact_tiling=True, convention="patch_bn: 2x2 patchify, BatchNorm running stats"),
-    Family("dc", "AutoencoderDC", _encode_dc, _dc_factor, stochastic=False, tile=_tile_by_stride,
-           convention="scale (deterministic latent * scaling_factor)"),
-    Family("qwenimage", "AutoencoderKLQwenImage", _encode_one_frame, _video_factor, stochastic=True,
-           space=_space_one_frame, input_rank=5, tile=_tile_by_stride,
-           convention="per_channel: (z - latents_mean) / latents_std, one frame"),
-    Family("wan", "AutoencoderKLWan", _encode_one_frame, _video_factor, stochastic=True, space=_space_one_frame,
-           input_rank=5, tile=_tile_by_stride, convention="per_channel: (z - latents_mean) / latents_std, one frame"),
-    Family("hunyuanimage", "AutoencoderKLHunyuanImage", _encode_kl, _ratio_factor, stochastic=True,
-           tile=_tile_by_size, convention="scale (z * scaling_factor)"),
-    Family("tiny", "AutoencoderTiny", _encode_tiny, _tiny_factor, stochastic=False, tile=_tile_by_size,
-           convention="scale"),
-    Family("vq", "VQModel", _encode_vq, _blocks_factor, stochastic=False, convention="scale"),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "kl",
+            "AutoencoderKL",
+            _encode_kl,
+            _blocks_factor,
+            stochastic=True,
+            tile=_tile_by_size,
+            exact_tiling=True,
+            convention="scale, or shift_scale (SD3, Flux.1), or per_channel (latents_mean/std)",
+        ),
+        Family(
+            "flux2",
+            "AutoencoderKLFlux2",
+            _encode_kl,
+            _blocks_factor,
+            stochastic=True,
+            space=_space_flux2,
+            tile=_tile_by_size,
+            exact_tiling=True,
+            convention="patch_bn: 2x2 patchify, BatchNorm running stats",
+        ),
+        Family(
+            "dc",
+            "AutoencoderDC",
+            _encode_dc,
+            _dc_factor,
+            stochastic=False,
+            tile=_tile_by_stride,
+            convention="scale (deterministic latent * scaling_factor)",
+        ),
+        Family(
+            "qwenimage",
+            "AutoencoderKLQwenImage",
+            _encode_one_frame,
+            _video_factor,
+            stochastic=True,
+            space=_space_one_frame,
+            input_rank=5,
+            tile=_tile_by_stride,
+            convention="per_channel: (z - latents_mean) / latents_std, one frame",
+        ),
+        Family(
+            "wan",
+            "AutoencoderKLWan",
+            _encode_one_frame,
+            _video_factor,
+            stochastic=True,
+            space=_space_one_frame,
+            input_rank=5,
+            tile=_tile_by_stride,
+            convention="per_channel: (z - latents_mean) / latents_std, one frame",
+        ),
+        Family(
+            "hunyuanimage",
+            "AutoencoderKLHunyuanImage",
+            _encode_kl,
+            _ratio_factor,
+            stochastic=True,
+            tile=_tile_by_size,
+            convention="scale (z * scaling_factor)",
+        ),
+        Family(
+            "tiny",
+            "AutoencoderTiny",
+            _encode_tiny,
+            _tiny_factor,
+            stochastic=False,
+            tile=_tile_by_size,
+            convention="scale",
+        ),
+        Family("vq", "VQModel", _encode_vq, _blocks_factor, stochastic=False, convention="scale"),
+    )
+}
 FAMILY_BY_CLASS = {f.class_name: f for f in FAMILIES.values()}
 
 

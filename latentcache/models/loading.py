@@ -39,9 +39,14 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg: Any) -> ModelSpec:
-        spec = cls(model=cfg.model, model_class=cfg.model_class, model_config=cfg.model_config,
-                   allow_pickle=cfg.allow_pickle, subfolder=getattr(cfg, "model_subfolder", None),
-                   storage_options=dict(getattr(cfg, "storage_options", None) or {}))
+        spec = cls(
+            model=cfg.model,
+            model_class=cfg.model_class,
+            model_config=cfg.model_config,
+            allow_pickle=cfg.allow_pickle,
+            subfolder=getattr(cfg, "model_subfolder", None),
+            storage_options=dict(getattr(cfg, "storage_options", None) or {}),
+        )
         return spec.pinned()
 
     def pinned(self) -> ModelSpec:
@@ -111,8 +116,10 @@ def hub_reachable(model: str) -> str | None:
 
 def hub_error(spec: ModelSpec, why: str) -> ModelError:
     include = f" --include '{spec.subfolder}/*'" if spec.subfolder else ""
-    return ModelError(f"--model {spec.model}: not in the local Hugging Face cache and {why}; fetch it once where "
-                      f"there is network (hf download {spec.model}{include} --local-dir DIR) and pass --model DIR")
+    return ModelError(
+        f"--model {spec.model}: not in the local Hugging Face cache and {why}; fetch it once where "
+        f"there is network (hf download {spec.model}{include} --local-dir DIR) and pass --model DIR"
+    )
 
 
 def locate(spec: ModelSpec) -> ModelSpec:
@@ -144,8 +151,9 @@ def _read_config(spec: ModelSpec) -> dict[str, Any] | None:
     try:
         return json.loads(Path(hf_hub_download(spec.model, "config.json", subfolder=spec.subfolder)).read_text())
     except Exception as exc:  # noqa: BLE001 - an unknown id or a gated repo: one line
-        raise ModelError(f"--model {spec.model}: cannot read its config.json from the hub: "
-                         f"{str(exc).strip().splitlines()[0]}") from None
+        raise ModelError(
+            f"--model {spec.model}: cannot read its config.json from the hub: {str(exc).strip().splitlines()[0]}"
+        ) from None
 
 
 def resolve_family(spec: ModelSpec) -> Family:
@@ -154,15 +162,19 @@ def resolve_family(spec: ModelSpec) -> Family:
     config = _read_config(spec)
     class_name = (config or {}).get("_class_name", "AutoencoderKL")
     if class_name not in FAMILY_BY_CLASS:
-        raise ModelError(f"{spec.model}: model class {class_name} is not a supported VAE "
-                         f"({', '.join(FAMILY_BY_CLASS)}); pass --model-class to force one")
+        raise ModelError(
+            f"{spec.model}: model class {class_name} is not a supported VAE "
+            f"({', '.join(FAMILY_BY_CLASS)}); pass --model-class to force one"
+        )
     return FAMILY_BY_CLASS[class_name]
 
 
 def check_pickle(path: str, allow_pickle: bool) -> None:
     if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
-        raise ModelError(f"{path} is a pickle-based checkpoint, which can run arbitrary code when loaded; "
-                         "convert it to .safetensors or pass --allow-pickle if you trust it")
+        raise ModelError(
+            f"{path} is a pickle-based checkpoint, which can run arbitrary code when loaded; "
+            "convert it to .safetensors or pass --allow-pickle if you trust it"
+        )
 
 
 def _load_single_file(cls: Any, spec: ModelSpec) -> Any:
@@ -197,8 +209,11 @@ def load_vae(spec: ModelSpec) -> tuple[Any, Family]:
     except ModelError:
         raise
     except Exception as exc:
-        hint = "; pass --model-config DIR (a diffusers VAE config.json) to load it offline" if (
-            single_file and not spec.model_config) else ""
+        hint = (
+            "; pass --model-config DIR (a diffusers VAE config.json) to load it offline"
+            if (single_file and not spec.model_config)
+            else ""
+        )
         raise ModelError(f"cannot load VAE from {shown}: {str(exc).strip().splitlines()[0]}{hint}") from exc
     return vae.eval().requires_grad_(False), family
 
@@ -217,14 +232,17 @@ def weight_files(model: str, subfolder: str | None = None) -> list[Path]:
     return sorted(p for p in (path / (subfolder or "")).glob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
 
-def weights_sha256(model: str, subfolder: str | None = None,
-                   storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+def weights_sha256(
+    model: str, subfolder: str | None = None, storage_options: dict[str, Any] | None = None
+) -> dict[str, str]:
     """{file: sha256} of the weights; a URL model is hashed from this node's verified copy."""
     if is_remote(model):
         model = ModelSpec(model=model, storage_options=storage_options or {}).local().model
     base = Path(model) if Path(model).exists() else None
-    return {(str(p.relative_to(base)) if base and base.is_dir() else p.name): sha256_file(p)
-            for p in weight_files(model, subfolder)}
+    return {
+        (str(p.relative_to(base)) if base and base.is_dir() else p.name): sha256_file(p)
+        for p in weight_files(model, subfolder)
+    }
 
 
 def model_device() -> torch.device:

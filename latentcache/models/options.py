@@ -14,8 +14,14 @@ from .loading import ModelError
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Where the hub cache lives and whether to go online: the encoder actors must see what the driver saw.
 # Tokens are deliberately not forwarded (runtime_env values are visible in Ray's dashboard).
-HUB_ENV_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                "HF_ENDPOINT")
+HUB_ENV_VARS = (
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_ENDPOINT",
+)
 
 
 def check_options(family: Family, cfg: Any, vae: Any = None) -> None:
@@ -26,8 +32,10 @@ def check_options(family: Family, cfg: Any, vae: Any = None) -> None:
         (cfg.store_posterior and not family.stochastic, "--store-posterior needs a model with a posterior"),
         (cfg.vq_output != "latent" and family.name != "vq", f"--vq-output {cfg.vq_output} needs a VQModel"),
         (cfg.tiling == "diffusers" and not family.tiles, "--tiling diffusers needs a model diffusers can tile"),
-        (cfg.tiling == "exact" and not family.exact_tiling,
-         "--tiling exact needs a VAE built from diffusers' Encoder/Decoder (AutoencoderKL, AutoencoderKLFlux2)"),
+        (
+            cfg.tiling == "exact" and not family.exact_tiling,
+            "--tiling exact needs a VAE built from diffusers' Encoder/Decoder (AutoencoderKL, AutoencoderKLFlux2)",
+        ),
     )
     for broken, message in rules:
         if broken:
@@ -44,11 +52,15 @@ def check_sides(family: Family, cfg: Any, vae: Any) -> None:
     sides = {cfg.resolution} | {side for bucket in bucket_set(cfg) for side in bucket}
     bad = sorted(side for side in sides if side % multiple)
     if bad:
-        raise ModelError(f"this {family.class_name} needs image sides that are multiples of {multiple}, but "
-                         f"--resolution/--buckets give {', '.join(map(str, bad))}")
+        raise ModelError(
+            f"this {family.class_name} needs image sides that are multiples of {multiple}, but "
+            f"--resolution/--buckets give {', '.join(map(str, bad))}"
+        )
     if getattr(cfg, "bucket_no_upscale", False) and 16 % multiple:
-        raise ModelError(f"--bucket-no-upscale sizes step in 16 px; this {family.class_name} needs multiples of "
-                         f"{multiple}: list the buckets you want instead")
+        raise ModelError(
+            f"--bucket-no-upscale sizes step in 16 px; this {family.class_name} needs multiples of "
+            f"{multiple}: list the buckets you want instead"
+        )
 
 
 def compute_dtype(config: Any, dtype: str, no_upcast: bool) -> torch.dtype:
@@ -77,5 +89,10 @@ def hub_env() -> dict[str, str]:
 def latent_space_for(vae: Any, cfg: Any, family: Family | None = None) -> LatentSpace:
     """The run's convention: the family's (from the VAE's config or buffers), with the run's overrides."""
     family = family or family_of(vae)
-    return family.latent_space(vae, scaling_factor=cfg.scaling_factor, shift_factor=cfg.shift_factor,
-                               latents_mean=cfg.latents_mean, latents_std=cfg.latents_std)
+    return family.latent_space(
+        vae,
+        scaling_factor=cfg.scaling_factor,
+        shift_factor=cfg.shift_factor,
+        latents_mean=cfg.latents_mean,
+        latents_std=cfg.latents_std,
+    )

@@ -79,14 +79,16 @@ def _listing(url: str, storage_options: dict[str, Any]) -> tuple[Any, str, dict[
     except Exception as exc:  # noqa: BLE001 - fsspec backends raise many types; the user needs one line
         raise RemoteModelError(f"--model {url}: cannot list it: {type(exc).__name__}: {exc}") from None
     if not found:
-        raise RemoteModelError(f"--model {url}: no files there (expected a diffusers VAE directory or one "
-                               "weights file)")
+        raise RemoteModelError(
+            f"--model {url}: no files there (expected a diffusers VAE directory or one weights file)"
+        )
     root = path.rstrip("/")
-    return fs, root, {p[len(root):].lstrip("/"): info for p, info in found.items()}
+    return fs, root, {p[len(root) :].lstrip("/"): info for p, info in found.items()}
 
 
 def _source_id(url: str, listing: dict[str, dict[str, Any]]) -> str:
     """The URL plus each file's size and version marker: a rewritten object gets a new id."""
+
     def marker(info: dict[str, Any]) -> str:
         return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
 
@@ -107,8 +109,9 @@ def _local_path(root: Path, key: str, record: dict[str, Any]) -> Path:
     return root / key / next(iter(record["files"])) if record.get("single") else root / key
 
 
-def _download(fs: Any, base: str, listing: dict[str, Any], url: str, root: Path,
-              single: bool) -> tuple[str, dict[str, Any]]:
+def _download(
+    fs: Any, base: str, listing: dict[str, Any], url: str, root: Path, single: bool
+) -> tuple[str, dict[str, Any]]:
     """Every file into a temporary directory, hashed, then renamed to its key (atomic on one filesystem)."""
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
     try:
@@ -133,8 +136,9 @@ def _download(fs: Any, base: str, listing: dict[str, Any], url: str, root: Path,
     return key, record
 
 
-def fetch_model(url: str, storage_options: dict[str, Any] | None = None,
-                expected: dict[str, str] | None = None) -> tuple[Path, dict[str, str]]:
+def fetch_model(
+    url: str, storage_options: dict[str, Any] | None = None, expected: dict[str, str] | None = None
+) -> tuple[Path, dict[str, str]]:
     """The local copy of the model at `url` and its files' sha256s, downloading it at most once per node.
 
     `expected` (the hashes the driver saw) finds the copy without listing the bucket and makes a
@@ -146,8 +150,10 @@ def fetch_model(url: str, storage_options: dict[str, Any] | None = None,
         if record is None:
             key, record = _lookup_or_download(url, storage_options or {}, root)
     if expected is not None and record["files"] != expected:
-        raise RemoteModelError(f"--model {url}: its files changed since this run started (sha256 differs from what "
-                               "the driver recorded); rerun to encode with the new model")
+        raise RemoteModelError(
+            f"--model {url}: its files changed since this run started (sha256 differs from what "
+            "the driver recorded); rerun to encode with the new model"
+        )
     return _local_path(root, key, record), record["files"]
 
 

@@ -33,7 +33,17 @@ def bootstrap_interval(units: list[Moments], *, replicates: int, confidence: flo
         n, mean, sq = resampled(count[idx], offset[idx], m2[idx])
         scaling[r], shift[r] = 1.0 / np.sqrt(max(sq, 0.0) / n), centre + mean
     tail = (1 - confidence) / 2
-    bounds = {name: np.quantile(v, [tail, 1 - tail]).tolist() for name, v in (("scaling_factor", scaling), ("shift_factor", shift))}
-    return {"level": confidence, "method": "percentile bootstrap", "unit": "shard", "units": len(units),
-            "replicates": replicates, "seed": seed, **bounds,
-            "scaling_factor_width": bounds["scaling_factor"][1] - bounds["scaling_factor"][0]}
+    bounds = {
+        name: np.quantile(v, [tail, 1 - tail]).tolist()
+        for name, v in (("scaling_factor", scaling), ("shift_factor", shift))
+    }
+    return {
+        "level": confidence,
+        "method": "percentile bootstrap",
+        "unit": "shard",
+        "units": len(units),
+        "replicates": replicates,
+        "seed": seed,
+        **bounds,
+        "scaling_factor_width": bounds["scaling_factor"][1] - bounds["scaling_factor"][0],
+    }

@@ -24,8 +24,10 @@ def posterior_reader(cache: Any, posterior: str, seed: int) -> tuple[tuple[str, 
     if posterior == stored:
         return ("latent",), lambda block: to_raw(_tensor(block, "latent"))
     if not cache.has_posterior:
-        raise ConfigError(f"{cache.root} stores --posterior {stored} latents without the posterior "
-                          f"(encode with --store-posterior), so it cannot describe --posterior {posterior}")
+        raise ConfigError(
+            f"{cache.root} stores --posterior {stored} latents without the posterior "
+            f"(encode with --store-posterior), so it cannot describe --posterior {posterior}"
+        )
     if posterior == "mode":  # a Gaussian's mode is its mean
         return ("posterior_mean",), lambda block: to_raw(_tensor(block, "posterior_mean"))
     return ("posterior_mean", "posterior_std"), functools.partial(_sampled_latents, cache.space, seed)
@@ -39,7 +41,9 @@ def _sampled_latents(space: LatentSpace, seed: int, block: Any) -> np.ndarray:
 
 def _tensor(block: Any, name: str) -> np.ndarray:
     if name not in block.tensors:
-        raise ConfigError(f"{block.file.path} has no {name!r} column (a codes-only VQ cache has no latents to describe)")
+        raise ConfigError(
+            f"{block.file.path} has no {name!r} column (a codes-only VQ cache has no latents to describe)"
+        )
     return block.tensors[name]
 
 
@@ -57,8 +61,22 @@ def cache_mode(cfg: StatsConfig, progress: bool) -> tuple[Accumulator, dict[str,
         raw = raw_of(block)
         start = seen.get(block.file.shard, 0)
         seen[block.file.shard] = start + len(raw)
-        acc.add(partial_of(block.file.shard, raw, np.arange(start, start + len(raw)), head=cfg.batch_size,
-                           sample_size=cfg.plot_samples, seed=cfg.seed))
+        acc.add(
+            partial_of(
+                block.file.shard,
+                raw,
+                np.arange(start, start + len(raw)),
+                head=cfg.batch_size,
+                sample_size=cfg.plot_samples,
+                seed=cfg.seed,
+            )
+        )
     acc.errors = sum(s.get("failed") or 0 for s in cache.manifest["shards"].values())
-    return acc, {"mode": "cache", "source": cfg.cache, "model": cache.manifest.get("model"), "posterior": posterior,
-                 "current_latent_space": cache.space.to_dict(), "sampling": {"method": "all rows of the cache"}}
+    return acc, {
+        "mode": "cache",
+        "source": cfg.cache,
+        "model": cache.manifest.get("model"),
+        "posterior": posterior,
+        "current_latent_space": cache.space.to_dict(),
+        "sampling": {"method": "all rows of the cache"},
+    }

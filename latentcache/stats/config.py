@@ -14,23 +14,36 @@ _ENCODE_FIELDS = {f.name: f for f in dataclasses.fields(EncodeConfig)}
 def like(name: str, **change: Any) -> Any:
     """The encode option of the same name (default, help, choices), so the two commands cannot drift."""
     f = _ENCODE_FIELDS[name]
-    meta = {"default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),  # type: ignore[misc]
-            **f.metadata, **change}
+    meta = {
+        "default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),  # type: ignore[misc]
+        **f.metadata,
+        **change,
+    }
     return opt(meta["default"], meta["help"], choices=meta.get("choices"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class StatsConfig:
     cache: str = opt(None, "Describe an existing cache (fsspec URL); the scaling its manifest records is undone.")
-    input: str = like("input", help="Describe a raw corpus instead: input shards (fsspec URL, glob or brace range); needs --model.")
+    input: str = like(
+        "input", help="Describe a raw corpus instead: input shards (fsspec URL, glob or brace range); needs --model."
+    )
     model: str = like("model")
     output: str = opt("stats.json", "Where the statistics document goes (fsspec URL).")
     plot: str = opt(None, "Also write per-channel histograms of the raw latents to this PNG.")
-    posterior: str = opt(None, "Which latents to describe: the posterior's mode or a per-key sample (default: what the cache "
-                               "stores; mode for a corpus).", choices=("mode", "sample"))
+    posterior: str = opt(
+        None,
+        "Which latents to describe: the posterior's mode or a per-key sample (default: what the cache "
+        "stores; mode for a corpus).",
+        choices=("mode", "sample"),
+    )
     seed: int = opt(0, "Seed of the row sample, of --posterior sample noise (per key, as encode) and of the bootstrap.")
-    max_samples: int = opt(None, "Corpus mode: describe a uniform random sample of this many images drawn over all shards.")
-    sample_fraction: float = opt(None, "Corpus mode: describe each image with this probability (seeded by --seed), over all shards.")
+    max_samples: int = opt(
+        None, "Corpus mode: describe a uniform random sample of this many images drawn over all shards."
+    )
+    sample_fraction: float = opt(
+        None, "Corpus mode: describe each image with this probability (seeded by --seed), over all shards."
+    )
     bootstrap: int = opt(1000, "Bootstrap replicates (resampling shards) for the confidence interval; 0 turns it off.")
     confidence: float = opt(0.95, "Confidence level of the interval.")
     batch_size: int = like("batch_size", help="Encoder batch size, and the size of the 'first batch' estimate.")
@@ -63,7 +76,11 @@ class StatsConfig:
 
     def encode_config(self) -> EncodeConfig:
         """The encoder settings for corpus mode: fp32 storage, so nothing is lost before the statistics."""
-        shared = {n: getattr(self, n) for n in _ENCODE_FIELDS if hasattr(self, n) and n not in ("output", "posterior", "config")}
+        shared = {
+            n: getattr(self, n)
+            for n in _ENCODE_FIELDS
+            if hasattr(self, n) and n not in ("output", "posterior", "config")
+        }
         return EncodeConfig(**shared, output=self.output, posterior=self.posterior or "mode", store_dtype="fp32")
 
 

@@ -47,8 +47,10 @@ class Moments:
 
     def pooled(self) -> Moments:
         """All channels merged into one."""
-        return reduce(Moments.merge, (Moments(self.count[c:c + 1], self.mean[c:c + 1], self.m2[c:c + 1])
-                                      for c in range(self.channels)))
+        return reduce(
+            Moments.merge,
+            (Moments(self.count[c : c + 1], self.mean[c : c + 1], self.m2[c : c + 1]) for c in range(self.channels)),
+        )
 
     def std(self) -> np.ndarray:
         """Population std (ddof=0), as numpy's default."""
@@ -59,7 +61,11 @@ class Moments:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Moments:
-        return cls(np.asarray(data["count"], np.int64), np.asarray(data["mean"], np.float64), np.asarray(data["m2"], np.float64))
+        return cls(
+            np.asarray(data["count"], np.int64),
+            np.asarray(data["mean"], np.float64),
+            np.asarray(data["m2"], np.float64),
+        )
 
 
 def merge_all(parts: Iterable[Moments]) -> Moments | None:

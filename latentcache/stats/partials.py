@@ -35,29 +35,37 @@ class Partial:
     priority: np.ndarray  # [k]
 
     def to_row(self) -> dict[str, Any]:
-        return {"unit": self.unit, "rows": self.rows, "errors": self.errors,
-                "moments": json.dumps(self.moments.to_dict()) if self.moments else None,
-                "head": json.dumps([[pos, m.to_dict()] for pos, m in self.head]),
-                "sample": self.sample.astype(np.float32).tobytes(), "channels": len(self.sample),
-                "priority": self.priority.astype(np.float64).tobytes()}
+        return {
+            "unit": self.unit,
+            "rows": self.rows,
+            "errors": self.errors,
+            "moments": json.dumps(self.moments.to_dict()) if self.moments else None,
+            "head": json.dumps([[pos, m.to_dict()] for pos, m in self.head]),
+            "sample": self.sample.astype(np.float32).tobytes(),
+            "channels": len(self.sample),
+            "priority": self.priority.astype(np.float64).tobytes(),
+        }
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Partial:
         moments = Moments.from_dict(json.loads(row["moments"])) if row["moments"] else None
         head = [(pos, Moments.from_dict(m)) for pos, m in json.loads(row["head"])]
         sample = np.frombuffer(row["sample"], np.float32).reshape(row["channels"], -1)
-        return cls(row["unit"], row["rows"], row["errors"], moments, head, sample, np.frombuffer(row["priority"], np.float64))
+        return cls(
+            row["unit"], row["rows"], row["errors"], moments, head, sample, np.frombuffer(row["priority"], np.float64)
+        )
 
     @classmethod
     def failed(cls, unit: str, errors: int) -> Partial:
         return cls(unit, 0, errors, None, [], np.zeros((0, 0), np.float32), np.zeros(0))
 
 
-def partial_of(unit: str, raw: np.ndarray, positions: np.ndarray, *, head: int, sample_size: int, seed: int,
-               errors: int = 0) -> Partial:
+def partial_of(
+    unit: str, raw: np.ndarray, positions: np.ndarray, *, head: int, sample_size: int, seed: int, errors: int = 0
+) -> Partial:
     """Raw latents [N, C, ...] of one unit (float64) -> its Partial."""
     first = np.argsort(positions, kind="stable")[:head]
-    head_rows = [(int(positions[i]), Moments.of(raw[i:i + 1])) for i in first]
+    head_rows = [(int(positions[i]), Moments.of(raw[i : i + 1])) for i in first]
     rng = block_rng(seed, unit, int(positions.min()))
     values = np.moveaxis(raw, 1, 0).reshape(raw.shape[1], -1)
     priority = rng.random(values.shape[1])
@@ -105,9 +113,18 @@ def block_partials(table: pa.Table, *, space: dict[str, Any], head: int, sample_
     return pa.Table.from_pylist([p.to_row() for p in out], schema=PARTIAL_SCHEMA)
 
 
-PARTIAL_SCHEMA = pa.schema([("unit", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()), ("moments", pa.string()),
-                            ("head", pa.string()), ("sample", pa.binary()), ("channels", pa.int64()),
-                            ("priority", pa.binary())])
+PARTIAL_SCHEMA = pa.schema(
+    [
+        ("unit", pa.string()),
+        ("rows", pa.int64()),
+        ("errors", pa.int64()),
+        ("moments", pa.string()),
+        ("head", pa.string()),
+        ("sample", pa.binary()),
+        ("channels", pa.int64()),
+        ("priority", pa.binary()),
+    ]
+)
 
 
 # ---- the driver's accumulator ----------------------------------------------------------------
@@ -130,12 +147,17 @@ class Accumulator:
             return
         self.units[p.unit] = self.units[p.unit].merge(p.moments) if p.unit in self.units else p.moments
         order = self.rank.get(p.unit, len(self.rank))
-        self.head = sorted(self.head + [((order, pos), m) for pos, m in p.head], key=lambda item: item[0])[:self.head_size]
+        self.head = sorted(self.head + [((order, pos), m) for pos, m in p.head], key=lambda item: item[0])[
+            : self.head_size
+        ]
         values = p.sample if self.sample is None else np.concatenate([self.sample, p.sample], axis=1)
         self.sample, self.priority = lowest(values, np.concatenate([self.priority, p.priority]), self.sample_size)
 
     def total(self) -> Moments:
         if not self.units:
-            raise ConfigError(f"no latents to describe: {self.errors} image(s) failed and none was encoded"
-                              if self.errors else "no latents to describe: the input (or the sample) is empty")
+            raise ConfigError(
+                f"no latents to describe: {self.errors} image(s) failed and none was encoded"
+                if self.errors
+                else "no latents to describe: the input (or the sample) is empty"
+            )
         return merge_all(self.units[u] for u in sorted(self.units))

@@ -22,8 +22,11 @@ def plot_png(sample: np.ndarray, doc: dict[str, Any]) -> bytes:
             draw_channel(ax, c, sample[c], doc)
         else:
             ax.set_visible(False)
-    fig.suptitle(f"raw latents ({doc['posterior']}), {doc['images']} images: "
-                 f"suggested scaling_factor {doc['suggested']['scaling_factor'] or float('nan'):.4g}", fontsize=10)
+    fig.suptitle(
+        f"raw latents ({doc['posterior']}), {doc['images']} images: "
+        f"suggested scaling_factor {doc['suggested']['scaling_factor'] or float('nan'):.4g}",
+        fontsize=10,
+    )
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return buf.getvalue()

@@ -13,7 +13,7 @@ DEFAULT_TILE_THRESHOLD = 1 << 20  # pixels: 1024x1024
 
 
 def auto_mode(pixels: int, *, threshold: int, exact_supported: bool, approximate_ok: bool = False) -> str:
-    """"none", "exact" or "diffusers" for an image of `pixels` pixels under --tiling auto."""
+    """ "none", "exact" or "diffusers" for an image of `pixels` pixels under --tiling auto."""
     if pixels <= threshold:
         return "none"
     if exact_supported:

@@ -36,5 +36,14 @@ def drop_rows(fmt: Format, data: bytes, keep: list[bool]) -> tuple[bytes, PartDa
     return fmt.write(part), part
 
 
-__all__ = ["FORMATS", "Format", "META_SCHEMA", "PartData", "TENSOR_LAYOUTS", "column_to_numpy", "drop_rows",
-           "get_format", "meta_table"]
+__all__ = [
+    "FORMATS",
+    "Format",
+    "META_SCHEMA",
+    "PartData",
+    "TENSOR_LAYOUTS",
+    "column_to_numpy",
+    "drop_rows",
+    "get_format",
+    "meta_table",
+]

@@ -41,10 +41,15 @@ class PartData:
             return list(self.tensors["latent"].shape[1:])
         return [1, *self.tensors["codes"].shape[1:]]
 
-    def take(self, mask: list[bool]) -> "PartData":
+    def take(self, mask: list[bool]) -> PartData:
         rows = np.flatnonzero(np.asarray(mask, dtype=bool))
-        return PartData({n: t[rows] for n, t in self.tensors.items()}, {n: p[rows] for n, p in self.params.items()},
-                        self.meta.take(pa.array(rows, pa.int64())), self.codec, self.layout)
+        return PartData(
+            {n: t[rows] for n, t in self.tensors.items()},
+            {n: p[rows] for n, p in self.params.items()},
+            self.meta.take(pa.array(rows, pa.int64())),
+            self.codec,
+            self.layout,
+        )
 
     def floats(self, name: str = "latent") -> np.ndarray:
         """A codec tensor decoded to float32 (what every reader gets back)."""
@@ -57,9 +62,14 @@ class PartData:
     def file_meta(self) -> dict[str, Any]:
         from ..records import FORMAT_VERSION
 
-        return {"format_version": FORMAT_VERSION, "codec": self.get_codec().describe(), "layout": self.layout,
-                "tensors": {n: {"shape": list(t.shape[1:]), "dtype": np.dtype(t.dtype).name}
-                            for n, t in self.tensors.items()}}
+        return {
+            "format_version": FORMAT_VERSION,
+            "codec": self.get_codec().describe(),
+            "layout": self.layout,
+            "tensors": {
+                n: {"shape": list(t.shape[1:]), "dtype": np.dtype(t.dtype).name} for n, t in self.tensors.items()
+            },
+        }
 
 
 def meta_table(rows: list[dict[str, Any]]) -> pa.Table:

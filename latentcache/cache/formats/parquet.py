@@ -45,7 +45,9 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array, shape: list[int] | None 
     if isinstance(column.type, pa.FixedShapeTensorType):
         return column.to_numpy_ndarray()
     values, sizes = column, []
-    while pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type):
+    while (
+        pa.types.is_list(values.type) or pa.types.is_fixed_size_list(values.type) or pa.types.is_large_list(values.type)
+    ):
         if pa.types.is_fixed_size_list(values.type):
             sizes.append(values.type.list_size)
         else:  # variable lists: a part holds one shape, so the first row's lengths are every row's
@@ -73,10 +75,15 @@ class ParquetFormat:
         table = pq.read_table(io.BytesIO(data))
         info = json.loads(table.schema.metadata[FILE_META_KEY.encode()])
         names = [n for n in info["tensors"] if tensors is None or n in tensors]
-        arrays = {n: column_to_numpy(table.column(n), info["tensors"][n]["shape"]).astype(info["tensors"][n]["dtype"],
-                                                                                       copy=False) for n in names}
-        params = {n: column_to_numpy(table.column(n)) for n in table.column_names
-                  if "." in n and n.split(".", 1)[0] in names}
+        arrays = {
+            n: column_to_numpy(table.column(n), info["tensors"][n]["shape"]).astype(
+                info["tensors"][n]["dtype"], copy=False
+            )
+            for n in names
+        }
+        params = {
+            n: column_to_numpy(table.column(n)) for n in table.column_names if "." in n and n.split(".", 1)[0] in names
+        }
         meta = table.select([f.name for f in META_SCHEMA]).cast(META_SCHEMA)
         return PartData(arrays, params, meta, info["codec"]["name"], info["layout"])
 

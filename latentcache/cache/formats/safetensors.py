@@ -11,15 +11,23 @@ import json
 
 import numpy as np
 
-
 from ..codecs import codec
 from .base import FILE_META_KEY, PartData, meta_table
 
-DTYPE_TAGS = {"float32": "F32", "float16": "F16", "int16": "I16", "int32": "I32", "int64": "I64", "uint8": "U8",
-              "int8": "I8"}
+DTYPE_TAGS = {
+    "float32": "F32",
+    "float16": "F16",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint8": "U8",
+    "int8": "I8",
+}
 # bf16 and fp8 codes are held as their bit patterns (the codec views them); int8 is the int8 codec's codes
-TAG_DTYPES = {tag: np.dtype(name) for name, tag in DTYPE_TAGS.items()} | {"BF16": np.dtype(np.uint16),
-                                                                         "F8_E4M3": np.dtype(np.uint8)}
+TAG_DTYPES = {tag: np.dtype(name) for name, tag in DTYPE_TAGS.items()} | {
+    "BF16": np.dtype(np.uint16),
+    "F8_E4M3": np.dtype(np.uint8),
+}
 
 
 def pack(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
@@ -37,11 +45,15 @@ def pack(tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -
 
 def unpack(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
+    header = json.loads(data[8 : 8 + size])
     metadata = header.pop("__metadata__", {})
-    body = memoryview(data)[8 + size:]
-    tensors = {name: np.frombuffer(body[s["data_offsets"][0]:s["data_offsets"][1]], dtype=TAG_DTYPES[s["dtype"]])
-               .reshape(s["shape"]) for name, s in header.items()}
+    body = memoryview(data)[8 + size :]
+    tensors = {
+        name: np.frombuffer(body[s["data_offsets"][0] : s["data_offsets"][1]], dtype=TAG_DTYPES[s["dtype"]]).reshape(
+            s["shape"]
+        )
+        for name, s in header.items()
+    }
     return tensors, metadata
 
 
@@ -50,13 +62,18 @@ class SafetensorsFormat:
 
     def write(self, part: PartData) -> bytes:
         store = codec(part.codec)
-        tensors = {n: (store.safetensors_dtype if n != "codes" else DTYPE_TAGS[arr.dtype.name], arr)
-                   for n, arr in part.tensors.items()}
+        tensors = {
+            n: (store.safetensors_dtype if n != "codes" else DTYPE_TAGS[arr.dtype.name], arr)
+            for n, arr in part.tensors.items()
+        }
         tensors.update({n: ("F32", arr.astype(np.float32)) for n, arr in part.params.items()})
         rows = part.meta.drop_columns(["key", "shard"]).to_pylist()
-        metadata = {"keys": json.dumps(part.keys), "rows": json.dumps(rows),
-                    "shard": part.meta.column("shard")[0].as_py() if part.rows else "",
-                    FILE_META_KEY: json.dumps(part.file_meta())}
+        metadata = {
+            "keys": json.dumps(part.keys),
+            "rows": json.dumps(rows),
+            "shard": part.meta.column("shard")[0].as_py() if part.rows else "",
+            FILE_META_KEY: json.dumps(part.file_meta()),
+        }
         return pack(tensors, metadata)
 
     def read(self, data: bytes, tensors: tuple[str, ...] | None = None) -> PartData:
@@ -74,7 +91,4 @@ class SafetensorsFormat:
 
 def unpack_metadata(data: bytes) -> dict[str, str]:
     size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + size]).get("__metadata__", {})
-
-
-
+    return json.loads(data[8 : 8 + size]).get("__metadata__", {})
