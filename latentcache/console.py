@@ -101,3 +101,33 @@ def plan_lines(cfg: Any, shards: int, todo: int, placement: Any) -> str:
         f"encoder: {cfg.model} ({cfg.dtype}), {placement.num_encoders} actor(s) ({device}), "
         f"on Ray: {nodes} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
     )
+
+
+# ---- the run summary a command prints -------------------------------------------------------------
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    c = summary["counts"]
+    print(
+        f"cache: {summary['output']}  ({summary['committed']}/{summary['shards']} shards committed, "
+        f"{c['written']} written, {c['failed']} failed of {c['input']} input)"
+    )
+    print(this_run(summary))
+    print(f"manifest: {summary['manifest']}\nstats: {summary['stats']}\nerrors: {summary['errors']}")
+    if summary["failed_shards"]:
+        print("INCOMPLETE: failed shards (rerun the same command to resume):")
+        for shard, reason in summary["failed_shards"].items():
+            print(f"  {shard}: {reason}")
+
+
+def this_run(summary: dict[str, Any]) -> str:
+    """What this run did: a resume says what it skipped; throughput only over what it encoded."""
+    seconds, skipped = summary["seconds"], summary.get("skipped_shards", 0)
+    encoded, images = summary["shards"] - skipped, summary.get("encoded_input", summary["counts"]["input"])
+    skip = f"{skipped} shard{'s' * (skipped != 1)} already committed, skipped" if skipped else ""
+    if encoded == 0:
+        return f"this run: nothing to encode ({skip or 'no shards'}), {seconds:.1f}s"
+    rate = f", {images / seconds:.1f} images/s" if seconds and images else ""
+    return f"this run: {encoded} shard{'s' * (encoded != 1)} read, {images} images in {seconds:.1f}s{rate}" + (
+        f" ({skip})" if skip else ""
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .cli import print_summary
 from .config import EncodeConfig
+from .console import print_summary
 from .samples import make_shards, make_vae
 
 

@@ -9,17 +9,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
-
-ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
 
 # ---- memory format --------------------------------------------------------------------------
 
@@ -33,46 +27,6 @@ def use_channels_last(spec: Any, device: torch.device, vae: Any = None) -> bool:
 
 
 # ---- JPEG draft decoding --------------------------------------------------------------------
-
-
-def oriented_size(img: Image.Image) -> tuple[int, int]:
-    """(height, width) as the image will be after its EXIF orientation is applied, read from the header."""
-    width, height = img.size
-    orientation = img.getexif().get(0x0112, 1) if img.format == "JPEG" else 1
-    return (width, height) if orientation in ROTATED_ORIENTATIONS else (height, width)
-
-
-def draft_request(img: Image.Image, height: int, width: int) -> tuple[int, int] | None:
-    """The smallest (width, height), in the file's own orientation, that still covers the resized crop:
-    libjpeg then picks the largest 1/2^k scale at or above it, so the resize afterwards only shrinks."""
-    oriented_h, oriented_w = oriented_size(img)
-    scale = max(height / oriented_h, width / oriented_w)
-    need_h, need_w = math.ceil(oriented_h * scale), math.ceil(oriented_w * scale)
-    rotated = (oriented_h, oriented_w) != (img.size[1], img.size[0])
-    return (need_h, need_w) if rotated else (need_w, need_h)
-
-
-def preprocess_drafted(data: bytes | None, spec: Any, *, key: str, planner: Any) -> tuple[np.ndarray, Any]:
-    """preprocess_image with the JPEG decoded at the smallest DCT scale that still covers the crop.
-
-    The crop metadata keeps the original size (SDXL's original_size); --min-size applies to it too."""
-    from .preprocess import ImageError, decode_image, pixels_chw, resize_and_crop, to_rgb
-
-    original: dict[str, tuple[int, int]] = {}
-
-    def draft(img: Image.Image) -> None:
-        original["size"] = oriented_size(img)
-        height, width, _, _ = planner(key, *original["size"])
-        if img.format == "JPEG":
-            img.draft(img.mode, draft_request(img, height, width))
-
-    img = to_rgb(decode_image(data, max_pixels=spec.max_pixels, draft=draft))
-    height0, width0 = original.get("size", (img.height, img.width))
-    if spec.min_size and min(height0, width0) < spec.min_size:
-        raise ImageError(f"image is {width0}x{height0}, smaller than --min-size {spec.min_size}")
-    height, width, crop, rng = planner(key, height0, width0)
-    img, meta = resize_and_crop(img, height, width, crop=crop, rng=rng)
-    return pixels_chw(img), dataclasses.replace(meta, original_height=height0, original_width=width0)
 
 
 # ---- whole-column moves ---------------------------------------------------------------------

@@ -8,6 +8,8 @@ batch function turns into an error row: it never stops the job.
 from __future__ import annotations
 
 import io
+import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ class PreprocessSpec:
     resolution: int
     max_pixels: int = 89_478_485
     min_size: int = 0
-    jpeg_draft: bool = False  # decode big JPEGs at a DCT scale still covering the crop (fastpath.preprocess_drafted)
+    jpeg_draft: bool = False  # decode big JPEGs at a DCT scale still covering the crop (preprocess_drafted)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def decode_image(
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
                 raise ImageError(f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels}")
-            if draft is not None:  # before load: JPEG DCT-domain downscaling (fastpath.preprocess_drafted)
+            if draft is not None:  # before load: JPEG DCT-domain downscaling (preprocess_drafted)
                 draft(img)
             img.seek(0)  # animated GIF/WebP: the first frame
             img.load()
@@ -135,8 +137,6 @@ def preprocess_image(
     data: bytes | None, spec: PreprocessSpec, *, key: str = "", planner: Planner | None = None
 ) -> tuple[np.ndarray, CropMeta]:
     if spec.jpeg_draft:
-        from .fastpath import preprocess_drafted
-
         return preprocess_drafted(data, spec, key=key, planner=planner or square_planner(spec))
     img = decode_image(data, max_pixels=spec.max_pixels)
     img = to_rgb(img)
@@ -172,3 +172,47 @@ def pixels_of(table: pa.Table, i: int) -> np.ndarray:
     """Row i's uint8 pixels [3, H, W] (a view of the Arrow buffer, no copy)."""
     height, width = table.column("height")[i].as_py(), table.column("width")[i].as_py()
     return np.frombuffer(table.column("pixels")[i].as_buffer(), dtype=np.uint8).reshape(3, height, width)
+
+
+# ---- JPEG DCT-domain decoding (--jpeg-draft) --------------------------------------------------
+
+
+ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) as the image will be after its EXIF orientation is applied, read from the header."""
+    width, height = img.size
+    orientation = img.getexif().get(0x0112, 1) if img.format == "JPEG" else 1
+    return (width, height) if orientation in ROTATED_ORIENTATIONS else (height, width)
+
+
+def draft_request(img: Image.Image, height: int, width: int) -> tuple[int, int] | None:
+    """The smallest (width, height), in the file's own orientation, that still covers the resized crop:
+    libjpeg then picks the largest 1/2^k scale at or above it, so the resize afterwards only shrinks."""
+    oriented_h, oriented_w = oriented_size(img)
+    scale = max(height / oriented_h, width / oriented_w)
+    need_h, need_w = math.ceil(oriented_h * scale), math.ceil(oriented_w * scale)
+    rotated = (oriented_h, oriented_w) != (img.size[1], img.size[0])
+    return (need_h, need_w) if rotated else (need_w, need_h)
+
+
+def preprocess_drafted(data: bytes | None, spec: Any, *, key: str, planner: Any) -> tuple[np.ndarray, Any]:
+    """preprocess_image with the JPEG decoded at the smallest DCT scale that still covers the crop.
+
+    The crop metadata keeps the original size (SDXL's original_size); --min-size applies to it too."""
+    original: dict[str, tuple[int, int]] = {}
+
+    def draft(img: Image.Image) -> None:
+        original["size"] = oriented_size(img)
+        height, width, _, _ = planner(key, *original["size"])
+        if img.format == "JPEG":
+            img.draft(img.mode, draft_request(img, height, width))
+
+    img = to_rgb(decode_image(data, max_pixels=spec.max_pixels, draft=draft))
+    height0, width0 = original.get("size", (img.height, img.width))
+    if spec.min_size and min(height0, width0) < spec.min_size:
+        raise ImageError(f"image is {width0}x{height0}, smaller than --min-size {spec.min_size}")
+    height, width, crop, rng = planner(key, height0, width0)
+    img, meta = resize_and_crop(img, height, width, crop=crop, rng=rng)
+    return pixels_chw(img), dataclasses.replace(meta, original_height=height0, original_width=width0)

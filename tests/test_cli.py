@@ -8,8 +8,9 @@ import re
 import pytest
 
 from latentcache import __version__
-from latentcache.cli import build_parser, main, run_command, this_run
+from latentcache.cli import build_parser, main, run_command
 from latentcache.config import HELP_GROUPS
+from latentcache.console import this_run
 from latentcache.storage import describe
 
 
