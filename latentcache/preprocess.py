@@ -7,8 +7,8 @@ batch function turns into an error row: it never stops the job.
 
 from __future__ import annotations
 
-import io
 import dataclasses
+import io
 import math
 import warnings
 from collections.abc import Callable
