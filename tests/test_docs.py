@@ -1,6 +1,6 @@
 """Every ```bash and ```python block of README.md and docs/*.md runs, so a crashing snippet fails CI.
 
-Blocks run in a temporary directory where `latentcache demo` has already made `demo/shards`,
+Blocks run in a temporary directory where `latentcache demo` (4 shards of 4 images) has already made `demo/shards`,
 `demo/vae` and `demo/cache`: python blocks in this process (a fresh namespace each, on the test
 session's Ray), shell blocks with `bash -euo pipefail` and this interpreter's environment first on
 PATH. A block that cannot run here (object storage, a cluster, a GPU, the network) must say so in
@@ -94,7 +94,7 @@ def test_every_not_run_marker_sits_right_before_a_block():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, ray_session) -> Path:
     root = tmp_path_factory.mktemp("docs")
-    assert main(["demo", "--workdir", str(root / "demo"), "--shards", "2", "--per-shard", "4"]) == 0
+    assert main(["demo", "--workdir", str(root / "demo"), "--shards", "4", "--per-shard", "4"]) == 0
     return root
 
 
