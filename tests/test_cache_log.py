@@ -184,6 +184,11 @@ class CountingProxy(FaultProxy):
         return super().decide(method, target, range_header)
 
 
+def ours(stats: dict) -> dict:
+    """This proxy's counts, without the per-method ones the fault proxy itself keeps."""
+    return {k: v for k, v in stats.items() if not k.startswith("method:")}
+
+
 def test_resume_requests_do_not_grow_with_the_shard_count(s3, s3_server):
     bucket, options = s3
     counts = {}
@@ -200,7 +205,7 @@ def test_resume_requests_do_not_grow_with_the_shard_count(s3, s3_server):
             proxy.stats.clear()
             resumed = CommitLog(url=url, storage_options=proxied)
             assert len(resumed.state()) == shards and resumed.state()["s000004"]["rows"] == -4
-            counts[shards] = dict(proxy.stats)
+            counts[shards] = ours(proxy.stats)
     # GET the pointer, GET the checkpoint, LIST the tail, GET its five entries; nothing else
     assert counts[10] == counts[3000] == {"requests": 8, "GET": 7, "LIST": 1}
 
@@ -217,7 +222,7 @@ def test_checkpoint_requests_and_compaction_on_s3(s3, s3_server):
         proxy.stats.clear()
         log.checkpoint()
         # PUT checkpoint + pointer; LIST log/ and checkpoints/; one bulk DELETE of the 41 entries
-        assert dict(proxy.stats) == {"requests": 5, "PUT": 2, "LIST": 2, "POST": 1}
+        assert ours(proxy.stats) == {"requests": 5, "PUT": 2, "LIST": 2, "POST": 1}
         proxy.stats.clear()
         log.checkpoint()  # nothing new: nothing written
         assert proxy.stats["PUT"] == 0 and proxy.stats["POST"] == 0
