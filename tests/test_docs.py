@@ -95,6 +95,7 @@ def test_every_not_run_marker_sits_right_before_a_block():
 def workdir(tmp_path_factory, ray_session) -> Path:
     root = tmp_path_factory.mktemp("docs")
     assert main(["demo", "--workdir", str(root / "demo"), "--shards", "4", "--per-shard", "4"]) == 0
+    (root / "configs").symlink_to(ROOT / "configs")  # the docs run from a clone's root: configs/ is there
     return root
 
 
