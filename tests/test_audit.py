@@ -309,10 +309,10 @@ def test_a_cache_on_s3_is_audited_in_place(clean_cache, s3):
             fs.pipe_file(f"{bucket}/cache/{path.relative_to(clean_cache).as_posix()}", path.read_bytes())
     url = f"s3://{bucket}/cache"
     assert main(["audit", "--cache", url, "--storage-options", json.dumps(options), "--sample", "2"]) == 0
-    summary = json.loads(fs.cat_file(f"{bucket}/cache/_audit/summary.json"))
+    summary = json.loads(fs.cat_file(f"{bucket}/cache/__latentcache__/audit/summary.json"))
     assert summary["ok"] and summary["counts"]["scored"] == 2
-    assert all(fs.exists(f"{bucket}/cache/_audit/{n}") for n in ("metrics.parquet", "report.html"))
-    assert options["secret"] not in fs.cat_file(f"{bucket}/cache/_audit/report.html").decode()
+    assert all(fs.exists(f"{bucket}/cache/__latentcache__/audit/{n}") for n in ("metrics.parquet", "report.html"))
+    assert options["secret"] not in fs.cat_file(f"{bucket}/cache/__latentcache__/audit/report.html").decode()
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
