@@ -276,7 +276,7 @@ def test_manifest_and_parts_record_the_formula_and_where_the_params_live(caches)
 
 @pytest.fixture(scope="module")
 def compared(caches, kl_model):
-    """int8 (safetensors: Hugging Face does not read it, so its _audit/ folder is in nobody's way) vs fp32."""
+    """int8 (safetensors: Hugging Face does not read it, its audit outputs live under __latentcache__/audit) vs fp32."""
     cache = caches["int8-safetensors"]
     rc = main(
         [
@@ -293,7 +293,11 @@ def compared(caches, kl_model):
             "driver",
         ]
     )
-    return rc, json.loads((cache / "_audit" / "summary.json").read_text()), cache / "_audit"
+    return (
+        rc,
+        json.loads((cache / "__latentcache__" / "audit" / "summary.json").read_text()),
+        cache / "__latentcache__" / "audit",
+    )
 
 
 def test_compare_reports_latent_relative_l2_per_key_as_numpy_computes_it(compared, caches):
@@ -368,5 +372,5 @@ def test_compare_with_itself_is_exact(caches, kl_model, capsys):
         == 0
     )
     assert "psnr_between: mean inf" in capsys.readouterr().out
-    c = json.loads((caches["fp16"] / "_audit" / "summary.json").read_text())["compare"]
+    c = json.loads((caches["fp16"] / "__latentcache__" / "audit" / "summary.json").read_text())["compare"]
     assert all(r["latent_rel_l2"] == 0.0 and r["psnr_between"] == "inf" for r in c["per_key"])
