@@ -99,6 +99,34 @@ def workdir(tmp_path_factory, ray_session) -> Path:
     return root
 
 
+S3_BUCKET = "my-bucket"  # the bucket the docs' object-storage examples name
+
+
+@pytest.fixture(scope="module")
+def docs_s3(s3_server, workdir) -> dict[str, str]:
+    """A loopback S3 holding the demo shards at s3://my-bucket/shards/, as the docs' S3 examples assume;
+    returns the AWS_* variables (endpoint included) that point botocore at it."""
+    import boto3
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_server,
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=S3_BUCKET)
+    for shard in sorted((workdir / "demo" / "shards").glob("*.tar")):
+        client.upload_file(str(shard), S3_BUCKET, f"shards/{shard.name}")
+    return env
+
+
 def shell_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -107,15 +135,18 @@ def shell_env() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
-def test_block_runs(block, workdir, monkeypatch, capsys):
+def test_block_runs(block, workdir, monkeypatch, capsys, request):
     monkeypatch.chdir(workdir)
+    env = shell_env()
+    if f"s3://{S3_BUCKET}" in block.body:
+        env.update(request.getfixturevalue("docs_s3"))
     if block.kind == "python":
         exec(compile(block.body, block.id, "exec"), {"__name__": "__doc_block__"})
         return
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", block.body],
         cwd=workdir,
-        env=shell_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=SHELL_TIMEOUT_S,
