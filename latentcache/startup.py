@@ -43,6 +43,8 @@ def model_view(spec: ModelSpec) -> tuple[Any, Family]:
         return load_vae(spec)
     with torch.device("meta"):
         vae = cls.from_config(config)
+    if any(True for _ in vae.buffers()):  # buffers hold values the convention reads (Flux.2's BatchNorm stats)
+        return load_vae(spec)
     return vae.eval().requires_grad_(False), family
 
 
