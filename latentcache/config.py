@@ -203,6 +203,12 @@ class EncodeConfig:
     )
     num_encoders: int = opt(None, "Encoder actors; default: one per GPU, or 1 on CPU.", group="cluster")
     decode_cpus: float = opt(1.0, "CPUs reserved by each decode/preprocess task.", group="cluster")
+    encoder_cpus: float = opt(
+        None,
+        "CPUs reserved by each encoder actor; default: 1 beside a GPU, 0 on CPU (its torch threads "
+        "share the cores with decoding instead of holding one back).",
+        group="cluster",
+    )
     encoder_threads: int = opt(None, "torch threads per CPU encoder actor; default: the node's cores.", group="cluster")
     rows_per_block: int = opt(
         64, "Rows per block read from a shard (bounds memory per read task).", group="performance"
@@ -238,6 +244,8 @@ def validate_encode(cfg: EncodeConfig) -> None:
         raise ConfigError("--store-dtype bf16 needs --format safetensors (Parquet has no bfloat16)")
     if cfg.num_encoders is not None and cfg.num_encoders <= 0:
         raise ConfigError(f"--num-encoders must be positive, got {cfg.num_encoders}")
+    if cfg.encoder_cpus is not None and cfg.encoder_cpus < 0:
+        raise ConfigError(f"--encoder-cpus must be 0 or more, got {cfg.encoder_cpus}")
     for name in ("latents_mean", "latents_std"):
         value = getattr(cfg, name)
         if value is not None and not all(isinstance(v, (int, float)) for v in value):

@@ -20,7 +20,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .cache.codecs import codec
-from .fastpath import binary_rows, scatter_rows, stack_binary, use_channels_last
+from .fastpath import use_channels_last
 from .latent_space import LatentSpace
 from .models import (
     TORCH_DTYPES,
@@ -33,7 +33,7 @@ from .models import (
     model_device,
 )
 from .preprocess import to_model_input
-from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, carry, good_mask
+from .rows import ENCODED_SCHEMA, TENSOR_COLUMNS, binary_rows, carry, good_mask, scatter_rows, stack_binary
 from .seeding import per_key_noise as per_key_noise  # re-exported: callers import it from here too
 from .seeding import posterior_sample
 from .sinks import NONFINITE_REASON

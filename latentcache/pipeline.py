@@ -74,12 +74,18 @@ class Placement:
 
 
 def plan_placement(cfg: EncodeConfig) -> Placement:
-    """Encoders go where GPUs are (one per GPU); on CPU one actor, leaving a core for reads."""
+    """Encoders go where GPUs are (one per GPU, with a core to feed it). On CPU one actor that reserves
+    no core: its torch threads and the decode tasks share every core, so with a light encoder decoding
+    is not held to the cores left over (bench/run.py's stand-in: one decode task beside it on 2 cores)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
-        return Placement(cfg.num_encoders or gpus, 1.0, 1.0, cfg.encoder_threads)
+        return Placement(cfg.num_encoders or gpus, 1.0, default(cfg.encoder_cpus, 1.0), cfg.encoder_threads)
     threads = cfg.encoder_threads or os.cpu_count() or 1
-    return Placement(cfg.num_encoders or 1, 0.0, 1.0, threads)
+    return Placement(cfg.num_encoders or 1, 0.0, default(cfg.encoder_cpus, 0.0), threads)
+
+
+def default(value: float | None, fallback: float) -> float:
+    return fallback if value is None else value
 
 
 def identity(cfg: EncodeConfig, sha: dict[str, str], family: str, space: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,8 @@ different shapes (aspect buckets) and null rows (errors) share one block without
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 
@@ -66,3 +68,33 @@ def carry(table: pa.Table, schema: pa.Schema, new: dict[str, pa.Array]) -> pa.Ta
         else:
             columns.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+# ---- whole-column moves: Arrow/numpy instead of Python loops over rows ----------------------
+
+
+def stack_binary(
+    column: pa.ChunkedArray | pa.Array, rows: np.ndarray, shape: tuple[int, ...], dtype: Any = np.uint8
+) -> np.ndarray:
+    """The rows' equal-sized binary values as one writable [n, *shape] array: one copy in Arrow, no per-row Python."""
+    picked = column.take(pa.array(rows, pa.int64()))
+    picked = picked.combine_chunks() if isinstance(picked, pa.ChunkedArray) else picked
+    offsets = np.frombuffer(picked.buffers()[1], dtype=np.int32)[picked.offset : picked.offset + len(picked) + 1]
+    data = np.frombuffer(picked.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.view(dtype).reshape(len(rows), *shape).copy()
+
+
+def binary_rows(arr: np.ndarray) -> pa.BinaryArray:
+    """[n, ...] array -> n binary values, each one row's bytes, built from the array's buffer in one go."""
+    arr = np.ascontiguousarray(arr)
+    n = arr.shape[0]
+    row_bytes = arr.nbytes // n if n else 0
+    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * row_bytes).tobytes())
+    return pa.BinaryArray.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(arr.reshape(-1).view(np.uint8))])
+
+
+def scatter_rows(values: pa.Array, rows: np.ndarray, n: int) -> pa.Array:
+    """An n-row column holding values[j] at rows[j] and null elsewhere (Arrow's take, no per-row Python)."""
+    where = np.full(n, len(values), dtype=np.int64)
+    where[rows] = np.arange(len(rows))
+    return pa.concat_arrays([values, pa.nulls(1, values.type)]).take(pa.array(where))

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from latentcache.encode import EncodeSpec, LatentEncoder
-from latentcache.fastpath import binary_rows, scatter_rows, stack_binary, use_channels_last
+from latentcache.fastpath import use_channels_last
 from latentcache.models import FAMILIES, ModelSpec, load_vae
 from latentcache.preprocess import ImageError, PreprocessSpec, draft_request, preprocess_image
-from latentcache.rows import PIXEL_SCHEMA, carry
+from latentcache.rows import PIXEL_SCHEMA, binary_rows, carry, scatter_rows, stack_binary
 from latentcache.samples import encode_image, make_vae, natural_image
 from latentcache.startup import model_view
 

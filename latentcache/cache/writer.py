@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..latent_space import LatentSpace
-from ..rows import CROP, TENSOR_COLUMNS, is_marker
+from ..rows import CROP, TENSOR_COLUMNS, is_marker, stack_binary
 from .codecs import codec
-from .formats import PartData, get_format, meta_table
+from .formats import META_SCHEMA, PartData, get_format
 from .layout import Layout
 from .moments import Moments
 
@@ -81,53 +82,46 @@ def part_moments(part: PartData, space: LatentSpace) -> dict[str, Any] | None:
     return Moments.of(space.to_raw(part.floats().astype(np.float64))).to_dict()
 
 
-def build_part(rows: list[dict[str, Any]], spec: WriteSpec) -> PartData:
-    store, shape = codec(spec.store_dtype), tuple(rows[0]["latent_shape"])
+def build_part(rows: pa.Table, spec: WriteSpec) -> PartData:
+    """Same-shape good rows (sorted) -> the part: whole columns stacked in Arrow, no Python per row."""
+    store, shape = codec(spec.store_dtype), tuple(rows.column("latent_shape")[0].as_py())
+    everyone = np.arange(rows.num_rows)
     tensors, params = {}, {}
-    for name in (n for n in TENSOR_COLUMNS if rows[0][n] is not None):
-        if name == "codes":
-            width = 2 if len(rows[0][name]) == 2 * int(np.prod(shape[1:])) else 4
-            tensors[name] = np.stack([np.frombuffer(r[name], f"<i{width}").reshape(shape[1:]) for r in rows])
-        else:  # an 8-bit codec quantises here, where the row's float32 values are
-            tensors[name], own = store.store(np.stack([store.from_bytes(r[name], shape) for r in rows]))
+    for name in (n for n in TENSOR_COLUMNS if rows.column(n).null_count < rows.num_rows):
+        column = rows.column(name)
+        if name == "codes":  # int16 or int32 VQ indices, by their byte width
+            width = 2 if len(column[0].as_py()) == 2 * int(np.prod(shape[1:])) else 4
+            tensors[name] = stack_binary(column, everyone, shape[1:], np.dtype(f"<i{width}"))
+        else:  # an 8-bit codec quantises here, where the rows' float32 values are
+            sent = stack_binary(column, everyone, shape, store.sender.code_dtype)
+            tensors[name], own = store.store(sent)
             params.update({f"{name}.{k}": v for k, v in own.items()})
-    return PartData(tensors, params, meta_table(rows), store.name, spec.tensor_layout)
+    return PartData(tensors, params, rows.select(META_SCHEMA.names).cast(META_SCHEMA), store.name, spec.tensor_layout)
 
 
-@dataclass(frozen=True)
-class ShapeGroup:
-    """Good rows of one latent shape, their tensors decoded to float32 and stacked [N, ...]."""
-
-    tensors: dict[str, np.ndarray]
-    rows: list[dict[str, Any]]
-    store_dtype: str
+PART_GROUP = ("latent_shape", "bucket_height", "bucket_width")  # one part per latent shape (and bucket)
 
 
-def group_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, ...], ShapeGroup]:
-    """Good encoded rows grouped by latent shape (what the stats stage reads; `codes` stay out)."""
-    by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-    for row in rows:
-        by_shape.setdefault(tuple(row["latent_shape"]), []).append(row)
-    groups = {}
-    for shape, members in by_shape.items():
-        store = codec(members[0]["store_dtype"])
-        names = [n for n in TENSOR_COLUMNS if n != "codes" and members[0][n] is not None]
-        tensors = {n: store.decode(np.stack([store.from_bytes(r[n], shape) for r in members])) for n in names}
-        groups[shape] = ShapeGroup(tensors, members, store.name)
+def part_groups(good: pa.Table) -> list[pa.Table]:
+    """Good rows split by latent shape and bucket, each sorted by the row's index in its shard."""
+    columns = [good.column(n).to_pylist() for n in PART_GROUP]  # small values: a few per row
+    members: dict[tuple, list[int]] = {}
+    for i, (shape, *bucket) in enumerate(zip(*columns)):
+        members.setdefault((*shape, *bucket), []).append(i)
+    groups = []
+    for rows in members.values():
+        group = good.take(pa.array(rows, pa.int64()))
+        groups.append(group.take(pc.sort_indices(group, [("index", "ascending")])))
     return groups
 
 
-def write_parts(shard: str, good: list[dict[str, Any]], spec: WriteSpec) -> list[dict[str, Any]]:
-    by_shape: dict[tuple, list[dict[str, Any]]] = {}
-    for row in good:
-        by_shape.setdefault(tuple(row["latent_shape"]) + (row["bucket_height"], row["bucket_width"]), []).append(row)
+def write_parts(shard: str, good: pa.Table, spec: WriteSpec) -> list[dict[str, Any]]:
     fmt, layout, space = get_format(spec.format), spec.layout, LatentSpace.from_dict(spec.space)
     parts = []
-    for rows in by_shape.values():
-        rows.sort(key=lambda r: r["index"])
-        part = build_part(rows, spec)
-        bucket = (rows[0]["bucket_height"], rows[0]["bucket_width"]) if spec.bucketed else None
-        path = layout.part_path(shard_name(shard, spec.base), rows[0]["index"], fmt.ext, bucket)
+    for rows in part_groups(good):
+        part, first = build_part(rows, spec), rows.slice(0, 1).to_pylist()[0]
+        bucket = (first["bucket_height"], first["bucket_width"]) if spec.bucketed else None
+        path = layout.part_path(shard_name(shard, spec.base), first["index"], fmt.ext, bucket)
         layout.write_bytes(path, fmt.write(part))
         parts.append(
             {"path": path, "rows": part.rows, "latent_shape": part.shape, "moments": part_moments(part, space)}
@@ -135,41 +129,50 @@ def write_parts(shard: str, good: list[dict[str, Any]], spec: WriteSpec) -> list
     return parts
 
 
-def write_errors(layout: Layout, rows: list[dict[str, Any]]) -> str | None:
-    if not rows:
+def write_errors(layout: Layout, shard: str, bad: pa.Table) -> str | None:
+    if not bad.num_rows:
         return None
     path = layout.errors_path()
-    layout.write_bytes(path, parquet_bytes(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)))
+    table = pa.table(
+        [bad.column("key"), pa.array([shard] * bad.num_rows, pa.string()), bad.column("error")], schema=ERRORS_SCHEMA
+    )
+    layout.write_bytes(path, parquet_bytes(table))
     return path
 
 
 def write_block(table: pa.Table, *, spec: WriteSpec) -> pa.Table:
     """One block of encoded rows -> its part files; one metadata row per shard in the block."""
-    markers, shards = is_marker(table), table.column("shard").to_pylist()
-    rows = table.drop_columns([n for n in ("pixels", "image") if n in table.column_names]).to_pylist()
-    out = []
-    for shard in dict.fromkeys(shards):
-        mine = [r for r, s, m in zip(rows, shards, markers) if s == shard and not m]
-        marker = next((r for r, s, m in zip(rows, shards, markers) if s == shard and m), {})
-        bad = [r for r in mine if r["error"] is not None]
-        errors = write_errors(spec.layout, [{"key": r["key"], "shard": shard, "reason": r["error"]} for r in bad])
-        good = [r for r in mine if r["error"] is None]
-        out.append(
-            {
-                "shard": shard,
-                "rows": len(mine),
-                "parts": json.dumps(write_parts(shard, good, spec)),
-                "errors": errors,
-                "error_rows": len(bad),
-                "error_index": json.dumps([r["index"] for r in bad]),
-                "nonfinite": sum(r["error"].startswith(NONFINITE_REASON) for r in bad),
-                "fp32_fallback": sum(r["fallback"] == "fp32" for r in good),
-                "shard_rows": marker.get("shard_rows"),
-                "shard_status": marker.get("shard_status"),
-                "shard_error": marker.get("error"),
-            }
-        )
-    return pa.Table.from_pylist(out, schema=BLOCK_META)
+    table = table.drop_columns([n for n in ("pixels", "image") if n in table.column_names])
+    markers, shards = is_marker(table), table.column("shard")
+    return pa.Table.from_pylist(
+        [
+            shard_meta(table, shard, pc.equal(shards, shard).to_numpy(zero_copy_only=False), markers, spec)
+            for shard in pc.unique(shards).to_pylist()
+        ],  # first-seen order
+        schema=BLOCK_META,
+    )
+
+
+def shard_meta(table: pa.Table, shard: str, mine: np.ndarray, markers: np.ndarray, spec: WriteSpec) -> dict[str, Any]:
+    """Writes one shard's rows of the block (parts, errors part); returns its metadata row."""
+    rows, marker = table.filter(mine & ~markers), table.filter(mine & markers).to_pylist()
+    failed = rows.column("error").is_valid().to_numpy(zero_copy_only=False)
+    bad, good = rows.filter(failed), rows.filter(~failed)
+    reasons = bad.column("error").to_pylist()
+    marker = marker[0] if marker else {}
+    return {
+        "shard": shard,
+        "rows": rows.num_rows,
+        "parts": json.dumps(write_parts(shard, good, spec) if good.num_rows else []),
+        "errors": write_errors(spec.layout, shard, bad),
+        "error_rows": bad.num_rows,
+        "error_index": json.dumps(bad.column("index").to_pylist()),
+        "nonfinite": sum(r.startswith(NONFINITE_REASON) for r in reasons),
+        "fp32_fallback": pc.sum(pc.equal(good.column("fallback"), "fp32")).as_py() or 0,
+        "shard_rows": marker.get("shard_rows"),
+        "shard_status": marker.get("shard_status"),
+        "shard_error": marker.get("error"),
+    }
 
 
 __all__ = [
@@ -177,7 +180,6 @@ __all__ = [
     "CROP",
     "ERRORS_SCHEMA",
     "WriteSpec",
-    "group_rows",
     "write_block",
     "parquet_bytes",
     "part_moments",
