@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     filtered = not args.verbose and sys.stderr is sys.__stderr__
     with native_stderr_filter() if filtered else contextlib.nullcontext():
         return run_command(args)
+
+
+def run() -> None:
+    """The `latentcache` command: main(), then an immediate exit. Tearing down an interpreter that
+    holds torch, diffusers and Ray takes about 2 s; by now Ray is shut down and every output written."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_command(args: argparse.Namespace) -> int:

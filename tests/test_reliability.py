@@ -358,18 +358,23 @@ def visible_files(out: Path) -> dict[str, bytes]:
     return {p: (out / p).read_bytes() for p in paths}
 
 
-@pytest.mark.parametrize("step", CRASH_STEPS)
-def test_driver_sigkilled_at_each_protocol_step_then_rerun_is_exactly_once(
-    step, overlapping_shards, ray_session, kl_model, tmp_path
+def test_driver_sigkilled_at_each_protocol_step_in_turn_then_rerun_is_exactly_once(
+    overlapping_shards, ray_session, kl_model, tmp_path
 ):
+    """One cache, killed once at every step of the protocol in order, each kill landing in the rerun
+    that recovers from the one before; the clean rerun after the last is exactly once. A file a
+    reader could see after any kill is never rewritten afterwards (it may be deleted)."""
     source, keys = overlapping_shards
     out, log = tmp_path / "out", tmp_path / "encode.log"
     flags = dict(input=source, output=out, model=kl_model, resolution=32, store_dtype="fp32")
-    crashed = EncodeProcess(log, env={"LATENTCACHE_CRASH_AT": step}, **flags)
-    assert crashed.finish() == -signal.SIGKILL, f"no kill at {step}:\n{log.read_text()[-3000:]}"
-    visible = visible_files(out)
+    seen: dict[str, bytes] = {}
+    for step in CRASH_STEPS:
+        crashed = EncodeProcess(log, env={"LATENTCACHE_CRASH_AT": step}, **flags)
+        assert crashed.finish() == -signal.SIGKILL, f"no kill at {step}:\n{log.read_text()[-3000:]}"
+        for path, data in visible_files(out).items():
+            assert seen.setdefault(path, data) == data, f"{path} rewritten after the kill at {step}"
     assert encode(**flags) == 0
     m = assert_exactly_once(out, keys)
     assert m["duplicates"] == 1 and errors(out).column("key").to_pylist() == ["k0"]
-    for path, data in visible.items():  # a file a reader could see is never rewritten (it may be deleted)
+    for path, data in seen.items():
         assert not (out / path).exists() or (out / path).read_bytes() == data, path
