@@ -51,6 +51,16 @@ def model_view(spec: ModelSpec) -> tuple[Any, Family]:
 # ---- Ray's workers: the allocator, and no per-actor environment when nothing needs one -------
 
 _local_cluster: list[bool] = []  # set once this process has started its own local Ray
+# OpenMP threads waiting at a barrier sleep instead of spinning. On CPU the encoder's torch threads
+# share the cores with the decode tasks, and a spinning thread burns the core its descheduled peer
+# needs: the stand-in encoder spent 9.7 CPU s on 4,096 images spinning, 4.1 s sleeping, while the
+# tiny workload's encoder alone runs at the same speed either way (docs/benchmarks.md).
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def worker_env() -> dict[str, str]:
+    """What the processes Ray starts need in their environment: the allocator and the thread policy."""
+    return {**{name: os.environ.get(name, value) for name, value in THREAD_ENV.items()}, **allocator.worker_env()}
 
 
 def init_local_ray(**init_args: Any) -> None:
@@ -60,7 +70,7 @@ def init_local_ray(**init_args: Any) -> None:
     and can take a worker Ray has already started instead of waiting for a fresh one."""
     import ray
 
-    env = allocator.worker_env()
+    env = worker_env()
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
@@ -72,9 +82,8 @@ def init_local_ray(**init_args: Any) -> None:
 
 
 def encoder_runtime_env() -> dict[str, Any] | None:
-    """None on the local cluster started here (the workers already have it all), else the allocator and
+    """None on the local cluster started here (the workers already have it all), else worker_env() and
     the hub settings (a cluster's workers do not see the submitting shell's environment)."""
     if _local_cluster:
         return None
-    env = {**allocator.worker_env(), **hub_env()}
-    return {"env_vars": env} if env else None
+    return {"env_vars": {**worker_env(), **hub_env()}}
