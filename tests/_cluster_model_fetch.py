@@ -14,64 +14,16 @@ import os
 import sys
 from typing import Any
 
-import ray
-from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
-
-from latentcache.cli import main as latentcache
-
-from ._cluster_two_nodes import MiB, free_port
+from ._cluster_two_nodes import encode, placement, two_node_cluster
 
 
 def run(input_url: str, output: str, model: str, options: str, head_cache: str, gpu_cache: str) -> dict[str, Any]:
     os.environ["LATENTCACHE_MODEL_CACHE"] = head_cache  # the driver is on the head node
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "object_store_memory": 150 * MiB,
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": free_port(),
-            "env_vars": {"LATENTCACHE_MODEL_CACHE": head_cache},
-        },
-    )
-    try:
-        # two logical GPUs: two encoder actors on this node, which must still fetch the model once
-        gpu_node = cluster.add_node(
-            num_cpus=3, num_gpus=2, object_store_memory=150 * MiB, env_vars={"LATENTCACHE_MODEL_CACHE": gpu_cache}
-        )
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-        status = latentcache(
-            [
-                "encode",
-                "--quiet",
-                "--input",
-                input_url,
-                "--output",
-                output,
-                "--model",
-                model,
-                "--storage-options",
-                options,
-                "--resolution",
-                "64",
-                "--batch-size",
-                "2",
-            ]
-        )
-        actors = list_actors(limit=10_000, raise_on_missing_output=False)
-        encoders = [a for a in actors if "LatentEncoder" in a.class_name]
-        return {
-            "status": status,
-            "head_node": cluster.head_node.node_id,
-            "gpu_node": gpu_node.node_id,
-            "encoder_nodes": sorted({a.node_id for a in encoders}),
-            "encoders": len(encoders),
-        }
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    head_env, gpu_env = {"LATENTCACHE_MODEL_CACHE": head_cache}, {"LATENTCACHE_MODEL_CACHE": gpu_cache}
+    # two logical GPUs: two encoder actors on that node, which must still fetch the model once
+    with two_node_cluster(gpus=2, head_env=head_env, gpu_env=gpu_env) as (cluster, gpu_node):
+        status = encode(input_url, output, model, "--storage-options", options, "--batch-size", "2")
+        return placement(status, cluster, gpu_node)
 
 
 if __name__ == "__main__":

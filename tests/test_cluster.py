@@ -236,19 +236,11 @@ def test_ray_job_submit_runs_jobs_encode_on_the_cluster(head_node, shards, kl_mo
     assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()
 
 
-def test_two_nodes_encoders_only_on_the_gpu_node_decoding_on_both(private_dir, kl_model, tmp_path):
-    make_shards(tmp_path / "shards", shards=4, per_shard=4, size=(80, 96))
-    out = tmp_path / "cache"
-    command = [
-        sys.executable,
-        "-m",
-        "tests._cluster_two_nodes",
-        str(tmp_path / "shards" / "shard-{00000..00003}.tar"),
-        str(out),
-        str(kl_model),
-    ]
+def run_cluster_script(module: str, private_dir: Path, *args: str) -> dict:
+    """Runs a tests._cluster_* script (its own ray.cluster_utils.Cluster under private_dir) as a
+    subprocess, reaps every process it left, and returns the JSON of its last stdout line."""
     proc = subprocess.Popen(
-        command,
+        [sys.executable, "-m", module, *args],
         env=private_ray_env(private_dir),
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -261,7 +253,19 @@ def test_two_nodes_encoders_only_on_the_gpu_node_decoding_on_both(private_dir, k
     finally:
         kill_processes_under(private_dir, proc.pid)
     assert proc.returncode == 0, stderr[-3000:]
-    run = json.loads(stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_two_nodes_encoders_only_on_the_gpu_node_decoding_on_both(private_dir, kl_model, tmp_path):
+    make_shards(tmp_path / "shards", shards=4, per_shard=4, size=(80, 96))
+    out = tmp_path / "cache"
+    run = run_cluster_script(
+        "tests._cluster_two_nodes",
+        private_dir,
+        str(tmp_path / "shards" / "shard-{00000..00003}.tar"),
+        str(out),
+        str(kl_model),
+    )
     assert run["status"] == 0
     assert run["encoders"] == 1 and run["encoder_nodes"] == [run["gpu_node"]]  # one encoder per GPU
     assert run["decode_nodes"] == sorted([run["head_node"], run["gpu_node"]])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from latentcache.models.remote import files_key
 from latentcache.samples import make_shards
 
 from .helpers import manifest
-from .test_cluster import ROOT, kill_processes_under, private_dir, private_ray_env  # noqa: F401 - a fixture
+from .test_cluster import private_dir, run_cluster_script  # noqa: F401 - a fixture
 
 MODEL_PREFIX = "vaes/kl"
 
@@ -58,32 +56,16 @@ def test_two_nodes_fetch_the_s3_model_once_each(s3, kl_model, private_dir, tmp_p
     make_shards(tmp_path / "shards", shards=2, per_shard=4, size=(64, 64))
     out, head_cache, gpu_cache = tmp_path / "cache", tmp_path / "models-head", tmp_path / "models-gpu"
     shards = str(tmp_path / "shards" / "shard-{00000..00001}.tar")
-    command = [
-        sys.executable,
-        "-m",
+    run = run_cluster_script(
         "tests._cluster_model_fetch",
+        private_dir,
         shards,
         str(out),
         url,
         json.dumps(options),
         str(head_cache),
         str(gpu_cache),
-    ]
-    proc = subprocess.Popen(
-        command,
-        env=private_ray_env(private_dir),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=540)
-    finally:
-        kill_processes_under(private_dir, proc.pid)
-    assert proc.returncode == 0, stderr[-3000:]
-    run = json.loads(stdout.strip().splitlines()[-1])
     assert run["status"] == 0 and run["encoders"] == 2 and run["encoder_nodes"] == [run["gpu_node"]]
     weights = {p.name: sha256_file(p) for p in kl_model.iterdir()}
     for cache in (head_cache, gpu_cache):  # the driver on the head; two encoder actors on the GPU node
