@@ -262,23 +262,18 @@ def varied_shards(tmp_path_factory, varied_images) -> tuple[str, dict[str, bytes
     return str(folder / "shard-{00000..00001}.tar"), varied_images
 
 
+VARIED_RUN = dict(crop="random", flip="both", seed=5, store_dtype="fp32", **BUCKET_FLAGS)
+
+
+def encode_varied(varied_shards: tuple[str, dict[str, bytes]], output: Path, model: Path, **flags: object) -> int:
+    """The bucketed, random-crop, flipped encode of the varied shards that every cache here is made with."""
+    return encode(input=varied_shards[0], output=output, model=model, **{**VARIED_RUN, **flags})
+
+
 @pytest.fixture(scope="module")
 def bucket_cache(ray_session, kl_model, varied_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bucketed") / "out"
-    assert (
-        encode(
-            input=varied_shards[0],
-            output=out,
-            model=kl_model,
-            crop="random",
-            flip="both",
-            seed=5,
-            store_dtype="fp32",
-            batch_size=3,
-            **BUCKET_FLAGS,
-        )
-        == 0
-    )
+    assert encode_varied(varied_shards, out, kl_model, batch_size=3) == 0
     return out
 
 
@@ -386,21 +381,7 @@ def test_reruns_and_batch_sizes_agree_and_nested_layout_loads_per_bucket(
     from latentcache.reader import Cache
 
     out = tmp_path / "nested"
-    assert (
-        encode(
-            input=varied_shards[0],
-            output=out,
-            model=kl_model,
-            crop="random",
-            flip="both",
-            seed=5,
-            store_dtype="fp32",
-            batch_size=7,
-            tensor_layout="nested",
-            **BUCKET_FLAGS,
-        )
-        == 0
-    )
+    assert encode_varied(varied_shards, out, kl_model, batch_size=7, tensor_layout="nested") == 0
     first, second = cache_rows(bucket_cache), cache_rows(out)
     assert first.keys() == second.keys()
     for key in first:
@@ -460,20 +441,7 @@ def test_yaml_bucket_list_no_upscale_and_safetensors_stack_per_bucket(ray_sessio
 
 
 def test_bucket_settings_are_part_of_the_cache_identity(bucket_cache, kl_model, varied_shards, capsys):
-    flags = {**BUCKET_FLAGS, "bucket_step": 32}
-    assert (
-        encode(
-            input=varied_shards[0],
-            output=bucket_cache,
-            model=kl_model,
-            crop="random",
-            flip="both",
-            seed=5,
-            store_dtype="fp32",
-            **flags,
-        )
-        == 2
-    )
+    assert encode_varied(varied_shards, bucket_cache, kl_model, bucket_step=32) == 2
     assert "different preprocess" in capsys.readouterr().err
 
 
