@@ -191,23 +191,25 @@ def matrix(tmp_path_factory):
     return root, cases
 
 
+def encode_matrix(root: Path, out: Path, model: Path) -> int:
+    """The one encode command over the matrix's shards (a rerun must be the same command)."""
+    return encode(
+        input=root / "shards" / "*.tar",
+        output=out,
+        model=model,
+        resolution=SIZE,
+        store_dtype="fp32",
+        max_pixels=MAX_PIXELS,
+        batch_size=8,
+    )
+
+
 @pytest.fixture(scope="module")
 def cache(ray_session, kl_model, matrix):
     root, _ = matrix
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     out = root / "out"
-    assert (
-        encode(
-            input=root / "shards" / "*.tar",
-            output=out,
-            model=kl_model,
-            resolution=SIZE,
-            store_dtype="fp32",
-            max_pixels=MAX_PIXELS,
-            batch_size=8,
-        )
-        == 0
-    )
+    assert encode_matrix(root, out, kl_model) == 0
     created = sorted(p.relative_to(root) for p in root.rglob("*") if p.relative_to(root) not in before)
     return out, created
 
@@ -335,18 +337,7 @@ def test_rerun_of_a_complete_cache_changes_nothing(cache, matrix, kl_model):
     root = matrix[0]
     files = {p: p.stat().st_mtime_ns for p in out.glob("data/**/*.parquet")}
     before = manifest(out)
-    assert (
-        encode(
-            input=root / "shards" / "*.tar",
-            output=out,
-            model=kl_model,
-            resolution=SIZE,
-            store_dtype="fp32",
-            max_pixels=MAX_PIXELS,
-            batch_size=8,
-        )
-        == 0
-    )
+    assert encode_matrix(root, out, kl_model) == 0
     after = manifest(out)
     assert after["counts"] == before["counts"] and after["shards"] == before["shards"]
     assert {p: p.stat().st_mtime_ns for p in files} == files  # resumed: nothing re-encoded or rewritten
