@@ -2,8 +2,6 @@
 
 - channels_last on CPU by default: oneDNN's convolutions run NHWC natively, and the latents are the
   same within float rounding for every family (tests/test_fastpath.py checks each registered family);
-- JPEG DCT-domain downscaling (`--jpeg-draft`): libjpeg decodes at 1/2, 1/4 or 1/8 scale for
-  images at least twice the size they will be resized to (bench/jpeg_draft.py measures the effect);
 """
 
 from __future__ import annotations
@@ -21,6 +19,3 @@ def use_channels_last(spec: Any, device: torch.device, vae: Any = None) -> bool:
     if vae is not None and any(p.dim() > 4 for p in vae.parameters()):
         return False
     return bool(spec.channels_last) or (device.type == "cpu" and not getattr(spec, "no_channels_last", False))
-
-
-# ---- JPEG draft decoding --------------------------------------------------------------------
