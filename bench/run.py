@@ -5,7 +5,8 @@
 Per workload, on generated JPEG corpora of two sizes (`--images SMALL LARGE`) and the same model:
   naive:       a subprocess running the ten-line loop (webdataset + PIL decode, vae.encode, one .npz per image);
   e2e:         a subprocess running `python -m latentcache encode`, as a user types it (start-up included);
-  model-only:  latentcache's encoder on pixels already in memory (the encoder's own limit);
+  model-only:  latentcache's encoder on pixels already in memory, in a process with the environment Ray's
+               workers get (the encoder's own limit);
   decode-only: read + decode + preprocess on every core, no encoder (the input side's limit).
 Both commands are timed whole; their steady state is (LARGE - SMALL) / (T_LARGE - T_SMALL) and their fixed
 cost T_SMALL - SMALL / steady. On a CPU the encoder and the decoder share the cores, so the bound is
@@ -206,6 +207,28 @@ def run_model_only(model: Path, w: Workload, images: int, device: torch.device, 
     return done / (time.perf_counter() - start)
 
 
+def model_only_in_worker_env(model: Path, w: Workload, images: int, device: torch.device, **features: Any) -> float:
+    """run_model_only in a fresh process with the environment Ray's workers get (the allocator, passive
+    OpenMP threads: latentcache.startup.worker_env), so the model's limit is the encoder actor's."""
+    from latentcache.startup import worker_env
+
+    args = {"model": str(model), "resolution": w.resolution, "batch_size": w.batch_size, "images": images}
+    args.update(device=str(device), features=features)
+    code = "import json, sys; from bench.run import model_only_child; model_only_child(json.loads(sys.argv[1]))"
+    env = {**os.environ, **worker_env(), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"model-only run failed:\n{done.stderr[-3000:]}")
+    return float(done.stdout.split()[-1])
+
+
+def model_only_child(args: dict[str, Any]) -> None:
+    w = Workload(name="model-only", kind="", config={}, resolution=args["resolution"], image_size=(0, 0), images=(0, 0))
+    w = replace(w, batch_size=args["batch_size"])
+    device = torch.device(args["device"])
+    print(run_model_only(Path(args["model"]), w, args["images"], device, **args["features"]))
+
+
 FEATURES = {  # each measured on the model-only path
     "contiguous_fp32": {"no_channels_last": True},
     "channels_last_fp32": {"channels_last": True},
@@ -310,7 +333,7 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device) ->
         flush=True,
     )
     runs = measure_commands(w, corpora, model, args)
-    model_rate = statistics.median(run_model_only(model, w, w.images[0], device) for _ in range(args.repeats))
+    model_rate = statistics.median(model_only_in_worker_env(model, w, w.images[0], device) for _ in range(args.repeats))
     decode_rate = statistics.median(
         run_decode_only(corpora[w.images[-1]], w.resolution, args.decode_cpus or cores, args.jpeg_draft)
         for _ in range(args.repeats)
@@ -318,7 +341,7 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device) ->
     summary = summarise(w, runs, model_rate, decode_rate, gpu, cores)
     if args.features:
         summary["features_model_only_images_per_s"] = {
-            name: run_model_only(model, w, w.images[0], device, **FEATURES[name]) for name in args.features
+            name: model_only_in_worker_env(model, w, w.images[0], device, **FEATURES[name]) for name in args.features
         }
     return summary
 

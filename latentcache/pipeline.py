@@ -71,6 +71,12 @@ class Placement:
     encoder_gpus: float
     encoder_cpus: float
     encoder_threads: int | None
+    writers: int
+
+
+# Part writers claim no CPU, so they never hold a decode task back, and are capped instead: per encoder
+# one on CPU (the cores are the decoders'), several on GPU (each waits out its object store PUTs).
+WRITERS_PER_GPU_ENCODER = 4
 
 
 def plan_placement(cfg: EncodeConfig) -> Placement:
@@ -79,9 +85,11 @@ def plan_placement(cfg: EncodeConfig) -> Placement:
     is not held to the cores left over (bench/run.py's stand-in: one decode task beside it on 2 cores)."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
-        return Placement(cfg.num_encoders or gpus, 1.0, default(cfg.encoder_cpus, 1.0), cfg.encoder_threads)
+        n = cfg.num_encoders or gpus
+        return Placement(n, 1.0, default(cfg.encoder_cpus, 1.0), cfg.encoder_threads, n * WRITERS_PER_GPU_ENCODER)
     threads = cfg.encoder_threads or os.cpu_count() or 1
-    return Placement(cfg.num_encoders or 1, 0.0, default(cfg.encoder_cpus, 0.0), threads)
+    n = cfg.num_encoders or 1
+    return Placement(n, 0.0, default(cfg.encoder_cpus, 0.0), threads, n)
 
 
 def default(value: float | None, fallback: float) -> float:
@@ -167,13 +175,20 @@ def build_dataset(cfg: EncodeConfig, shards: list[ShardRef], spec: WriteSpec, pl
         fn_kwargs={"spec": spec},
         batch_format="pyarrow",
         batch_size=max(cfg.rows_per_block, cfg.batch_size),
-        num_cpus=0.25,
+        num_cpus=0,  # no CPU claimed: Ray Data's budget would hold it back from the decode tasks
+        compute=ray.data.TaskPoolStrategy(size=placement.writers),
     )
 
 
-def iter_mapped(ds: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table]) -> Iterator[dict[str, Any]]:
-    """Runs a Ray-free per-block function after `ds` and streams its (small) rows to the driver."""
-    mapped = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+def iter_mapped(
+    ds: ray.data.Dataset, fn: Callable[[pa.Table], pa.Table], *, concurrency: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Runs a Ray-free per-block function after `ds` and streams its (small) rows to the driver.
+
+    With `concurrency` (after an encoder) its tasks claim no CPU, as the part writers do."""
+    cpus = 0.25 if concurrency is None else 0
+    pool = ray.data.TaskPoolStrategy(size=concurrency)
+    mapped = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, num_cpus=cpus, compute=pool)
     for batch in mapped.iter_batches(batch_format="pyarrow", batch_size=None):
         yield from batch.to_pylist()
 

@@ -280,5 +280,6 @@ def test_placement_on_a_cpu_only_cluster_and_the_num_encoders_override(ray_sessi
     cpu = plan_placement(EncodeConfig(input="x.tar", output="out", model="vae"))
     assert (cpu.num_encoders, cpu.encoder_gpus) == (1, 0.0)  # no GPU in the session's local Ray
     assert cpu.encoder_cpus == 0.0  # on CPU its threads share every core with decoding
+    assert cpu.writers == 1  # claiming no CPU, capped at one per encoder
     assert plan_placement(EncodeConfig(input="x.tar", output="out", model="vae", encoder_cpus=1)).encoder_cpus == 1
     assert plan_placement(EncodeConfig(input="x.tar", output="out", model="vae", num_encoders=2)).num_encoders == 2

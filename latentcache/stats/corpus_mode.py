@@ -95,12 +95,13 @@ def stats_job(
 ) -> None:
     """read -> sample -> preprocess -> encode -> Partials, merged on the driver as they arrive."""
     select = functools.partial(select_rows, seed=cfg.seed, threshold=threshold) if threshold < 1.0 else None
-    ds = pipeline.encoded_dataset(ecfg, shards, pipeline.plan_placement(ecfg), select=select)
+    placement = pipeline.plan_placement(ecfg)
+    ds = pipeline.encoded_dataset(ecfg, shards, placement, select=select)
     stage = functools.partial(
         block_partials, space=space.to_dict(), head=cfg.batch_size, sample_size=cfg.plot_samples, seed=cfg.seed
     )
     bar = tqdm(total=cfg.max_samples, unit="img", desc="stats", disable=not progress)
-    for row in pipeline.iter_mapped(ds, stage):
+    for row in pipeline.iter_mapped(ds, stage, concurrency=placement.writers):
         partial = Partial.from_row(row)
         acc.add(partial)
         bar.update(partial.rows + partial.errors)
