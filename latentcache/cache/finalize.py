@@ -19,7 +19,10 @@ from .records import FORMAT_VERSION, committed, failed_shards, totals
 
 
 def merged_stats(records: dict[str, dict[str, Any]], space: dict[str, Any]) -> dict[str, Any] | None:
-    moments = merge_all(Moments.from_dict(r["moments"]) for r in committed(records) if r.get("moments"))
+    """Merged in shard order, not commit order: floating-point merging depends on the order, and
+    stats.json must be a function of the committed shards (a no-op rerun leaves it untouched)."""
+    in_shard_order = dict(sorted(records.items()))
+    moments = merge_all(Moments.from_dict(r["moments"]) for r in committed(in_shard_order) if r.get("moments"))
     if moments is None:
         return None
     return {
