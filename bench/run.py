@@ -223,8 +223,15 @@ def model_only_in_worker_env(model: Path, w: Workload, images: int, device: torc
 
 
 def model_only_child(args: dict[str, Any]) -> None:
-    w = Workload(name="model-only", kind="", config={}, resolution=args["resolution"], image_size=(0, 0), images=(0, 0))
-    w = replace(w, batch_size=args["batch_size"])
+    w = Workload(
+        name="model-only",
+        kind="",
+        config={},
+        resolution=args["resolution"],
+        image_size=(0, 0),
+        images=(0, 0),
+        batch_size=args["batch_size"],
+    )
     device = torch.device(args["device"])
     print(run_model_only(Path(args["model"]), w, args["images"], device, **args["features"]))
 
